@@ -1,0 +1,1 @@
+"""Load producer and the demo that drives a whole fleet."""

@@ -1,0 +1,312 @@
+"""The shared token bucket: one Redis round trip per decision.
+
+``TokenBucket`` decides one bucket; ``MultiBucket`` decides several at once,
+all-or-nothing ("10/s AND 5000/h AND this tenant's 1/s").  Both run
+``lua/gcra.lua`` with EVALSHA; the script reads the Redis server's clock, so
+every host in the fleet is judged by one clock whatever its own says.
+
+``RedisTokenBucket`` is the original API (``consume() -> bool``) on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import redis
+import redis.exceptions
+
+from .checks import check_cost, check_key, check_prefix, check_seconds, full_key, seconds_to_us
+from .errors import BackendUnavailable, ReservationRefused
+from .gcra import Mode, Outcome
+from .limit import Limit
+from .script import gcra_source, script_args
+from .transaction import run_transaction
+
+if TYPE_CHECKING:
+    from redis.cluster import RedisCluster
+
+    SyncRedis = redis.Redis | RedisCluster
+
+__all__ = ["Decision", "TokenBucket", "MultiBucket", "RedisTokenBucket", "UNAVAILABLE", "DEFAULT_MAX_WAIT"]
+
+#: Errors that mean "Redis cannot answer right now", as opposed to a bug.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError (restart, loading)
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # talking to a replica after a failover
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+#: ``reserve()`` books at most this far ahead unless told otherwise.
+DEFAULT_MAX_WAIT = 60.0
+
+Strategy = Literal["script", "transaction"]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the bucket said.  ``bool(decision)`` is ``allowed``.
+
+    - ``remaining``: whole tokens left (in the emptiest bucket of a multi-limit).
+    - ``retry_after``: seconds until the same call could be granted; for a
+      reservation, seconds until the booked slot.  Never rounded down.
+    - ``reset_after``: seconds until every bucket is full again.
+    - ``refused_by``: the name of the bucket that refused (longest wait), or None.
+    - ``server_time``: the Redis time, in seconds, the decision was made at.
+    """
+
+    allowed: bool
+    remaining: int
+    retry_after: float
+    reset_after: float
+    refused_by: str | bytes | None = None
+    server_time: float = 0.0
+    recovered: bool = False
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """One bucket's name, Redis key and limit."""
+
+    name: str | bytes
+    key: str | bytes
+    limit: Limit
+
+
+def _make_bucket(key: object, rate: Any, burst: Any, prefix: object) -> _Bucket:
+    name = check_key(key)
+    limit = rate if isinstance(rate, Limit) else Limit(rate, burst)
+    return _Bucket(name, full_key(check_prefix(prefix), name), limit)
+
+
+def _join(buckets: Sequence[Any], kind: type) -> tuple[Any, list[_Bucket]]:
+    """Check that ``buckets`` can be decided in one script call; (client, parts)."""
+    if isinstance(buckets, (str, bytes)) or not buckets:
+        raise ValueError(f"buckets must name at least one {kind.__name__}, got {buckets!r}")
+    for bucket in buckets:
+        if not isinstance(bucket, kind):
+            raise TypeError(f"buckets must be {kind.__name__} instances, got {type(bucket).__name__}")
+    client = buckets[0].redis
+    if any(b.redis is not client for b in buckets):
+        raise ValueError("buckets must share one redis client to be decided in one round trip")
+    parts: list[_Bucket] = [b.bucket for b in buckets]
+    keys = [p.key for p in parts]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"buckets must have distinct keys, got {keys!r}")
+    return client, parts
+
+
+class _Buckets:
+    """What sync and async buckets share: the buckets, argument checks, replies."""
+
+    _buckets: tuple[_Bucket, ...]
+
+    @property
+    def keys(self) -> list[str | bytes]:
+        return [b.key for b in self._buckets]
+
+    @property
+    def limits(self) -> list[Limit]:
+        return [b.limit for b in self._buckets]
+
+    @property
+    def _label(self) -> str:
+        return ",".join(b.key if isinstance(b.key, str) else b.key.decode(errors="replace") for b in self._buckets)
+
+    def _cost(self, cost: object) -> int:
+        return check_cost(cost, min(b.limit.burst for b in self._buckets))
+
+    def _decision(self, outcome: Outcome) -> Decision:
+        refused_by = self._buckets[outcome.refused_index - 1].name if outcome.refused_index else None
+        return Decision(
+            allowed=outcome.granted,
+            remaining=outcome.remaining,
+            retry_after=outcome.wait_us / 1e6,
+            reset_after=outcome.reset_us / 1e6,
+            refused_by=refused_by,
+            server_time=outcome.now_us / 1e6,
+            recovered=outcome.recovered,
+        )
+
+    def _args(self, mode: Mode, cost: int, limit_us: int = 0) -> list[int]:
+        return script_args(self.limits, cost, mode, limit_us)
+
+
+class _SyncBuckets(_Buckets):
+    """consume / peek / reserve / pause / reset against a sync redis client."""
+
+    def __init__(self, client: SyncRedis, buckets: Sequence[_Bucket], strategy: Strategy = "script") -> None:
+        if strategy not in ("script", "transaction"):
+            raise ValueError(f"strategy must be 'script' or 'transaction', got {strategy!r}")
+        if not hasattr(client, "register_script"):
+            raise TypeError(f"redis must be a redis-py client, got {type(client).__name__}")
+        self._redis = client
+        self._buckets = tuple(buckets)
+        self.strategy: Strategy = strategy
+        self._script = client.register_script(gcra_source())
+
+    @property
+    def redis(self) -> SyncRedis:
+        return self._redis
+
+    def _guard(self, call: Callable[[], _T]) -> _T:
+        try:
+            return call()
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(self._label, exc) from exc
+
+    def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
+        if self.strategy == "transaction":
+            client = self._redis
+            if not isinstance(client, redis.Redis):
+                raise TypeError(f"strategy='transaction' needs a redis.Redis client, got {type(client).__name__}")
+            outcome = self._guard(lambda: run_transaction(client, self.keys, self.limits, cost, mode, limit_us))
+        else:
+            reply = self._guard(lambda: self._script(keys=self.keys, args=self._args(mode, cost, limit_us)))
+            outcome = Outcome.from_reply(reply)
+        return self._decision(outcome)
+
+    def consume(self, cost: int = 1) -> Decision:
+        """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
+        return self._run(Mode.CONSUME, self._cost(cost))
+
+    def peek(self, cost: int = 1) -> Decision:
+        """What ``consume(cost)`` would say now, without taking anything."""
+        return self._run(Mode.PEEK, self._cost(cost))
+
+    def book(self, cost: int = 1, max_wait: float = DEFAULT_MAX_WAIT) -> Decision:
+        """Book the next free slot for ``cost`` tokens, at most ``max_wait`` s ahead.
+
+        Granted: the tokens are taken now (the bucket goes into debt) and
+        ``retry_after`` is the wait until the slot; ``server_time +
+        retry_after`` is the slot on Redis' clock.  Refused (``allowed`` is
+        False): nothing was booked and ``retry_after`` says how far the next
+        slot is.
+        """
+        wait_us = seconds_to_us(check_seconds(max_wait, "max_wait"))
+        return self._run(Mode.RESERVE, self._cost(cost), wait_us)
+
+    def reserve(self, cost: int = 1, max_wait: float = DEFAULT_MAX_WAIT) -> float:
+        """Book the next free slot and return the seconds to wait for it.
+
+        Waiters are served in booking order, each at its own slot, instead of
+        all retrying at once.  Raises ``ReservationRefused`` when the slot is
+        further than ``max_wait`` seconds away (nothing is booked then).
+        """
+        decision = self.book(cost, max_wait)
+        if not decision.allowed:
+            raise ReservationRefused(self._label, decision.retry_after, max_wait)
+        return decision.retry_after
+
+    def pause(self, seconds: float) -> Decision:
+        """Admit nothing for ``seconds``, then refill from empty (e.g. after a 429)."""
+        pause_us = seconds_to_us(check_seconds(seconds, "seconds"))
+        return self._run(Mode.PAUSE, 1, pause_us)
+
+    def reset(self) -> None:
+        """Forget the bucket's state: it is full again."""
+        self._guard(lambda: self._redis.delete(*self.keys))
+
+    def server_time(self) -> float:
+        """The Redis server's clock, in seconds: the clock every decision uses."""
+        seconds, micros = self._guard(self._redis.time)
+        return int(seconds) + int(micros) / 1e6
+
+
+class TokenBucket(_SyncBuckets):
+    """A token bucket in Redis shared by every process that names the same key.
+
+    ``rate`` is tokens per second (a number, or "10/s", "100/m", "5/h");
+    ``burst`` is how many tokens the bucket holds.  Over any ``t`` seconds at
+    most ``burst + rate * t`` tokens are granted, fleet-wide.
+    """
+
+    def __init__(
+        self,
+        redis: SyncRedis,
+        key: str | bytes,
+        *,
+        rate: str | float | int | Limit,
+        burst: int = 1,
+        prefix: str = "throttle",
+        strategy: Strategy = "script",
+    ) -> None:
+        self.bucket = _make_bucket(key, rate, burst, prefix)
+        super().__init__(redis, [self.bucket], strategy)
+
+    @property
+    def key(self) -> str | bytes:
+        """The Redis key holding this bucket's state."""
+        return self.bucket.key
+
+    @property
+    def limit(self) -> Limit:
+        return self.bucket.limit
+
+    def __repr__(self) -> str:
+        return f"TokenBucket({self.bucket.name!r}, {self.limit})"
+
+
+class MultiBucket(_SyncBuckets):
+    """Several buckets decided together: granted only if every one can grant.
+
+    ``Decision.refused_by`` names the bucket with the longest wait.  On Redis
+    Cluster the buckets' keys must share a hash tag (``{tag}``) to be decided
+    in one script.
+    """
+
+    def __init__(self, buckets: Sequence[TokenBucket]) -> None:
+        client, parts = _join(buckets, TokenBucket)
+        super().__init__(client, parts, buckets[0].strategy)
+
+    def __repr__(self) -> str:
+        return f"MultiBucket({', '.join(repr(b.name) for b in self._buckets)})"
+
+
+class RedisTokenBucket:
+    """The original API, kept so existing code runs unchanged.
+
+    >>> bucket = RedisTokenBucket(redis_client, key="api_rate_limit", burst_rate=5, replenishment_rate=1)
+    >>> bucket.consume()
+    True
+
+    ``burst_rate`` is the bucket's capacity and ``replenishment_rate`` the
+    tokens added per second.  The default engine is the Lua script;
+    ``strategy="transaction"`` keeps the original WATCH/MULTI/EXEC design
+    (corrected to use Redis time and bounded, jittered retries).
+    """
+
+    def __init__(
+        self,
+        redis_client: SyncRedis,
+        key: str | bytes,
+        burst_rate: int,
+        replenishment_rate: str | float | int,
+        *,
+        strategy: Strategy = "script",
+        prefix: str = "throttle",
+    ) -> None:
+        self.bucket = TokenBucket(
+            redis_client, key, rate=replenishment_rate, burst=burst_rate, prefix=prefix, strategy=strategy
+        )
+        self.redis = redis_client
+        self.key = key
+        self.burst_rate = self.bucket.limit.burst
+        self.replenishment_rate = self.bucket.limit.rate
+
+    def consume(self, tokens: int = 1) -> bool:
+        """Take ``tokens`` if the bucket has them; True if it did."""
+        return self.bucket.consume(tokens).allowed
+
+    def decide(self, tokens: int = 1) -> Decision:
+        """Like ``consume`` but returns the full ``Decision``."""
+        return self.bucket.consume(tokens)

@@ -1,0 +1,147 @@
+-- Token bucket as GCRA (generic cell rate algorithm), decided for one or more
+-- buckets at once, all-or-nothing, on the Redis server's clock.
+--
+-- Each bucket is one string key holding its TAT ("theoretical arrival time"):
+-- the Redis time, in integer microseconds, at which the bucket will be full
+-- again.  A bucket with TAT <= now is full; one with TAT = now + tau is empty.
+-- Admitting `cost` tokens moves TAT forward by cost * interval.
+--
+-- KEYS[i]          bucket i (all keys share a hash tag on Redis Cluster)
+-- ARGV[1]          mode: 0 peek, 1 consume, 2 reserve, 3 pause
+-- ARGV[2]          cost in tokens (the same for every bucket)
+-- ARGV[3]          reserve: max_wait in us; pause: pause length in us
+-- ARGV[2+2i]       interval_us of bucket i (1e6 / rate, rounded up)
+-- ARGV[3+2i]       tau_us of bucket i (burst * interval_us)
+--
+-- Returns {allowed, refused_index, wait_us, remaining, reset_us, now_us, recovered}
+--   allowed        1 if the decision was granted (and written), else 0
+--   refused_index  1-based index of the bucket with the longest wait when
+--                  refused, else 0
+--   wait_us        consume/peek: time until the call could be granted;
+--                  reserve: time until the booked slot (longest of all buckets)
+--   remaining      whole tokens left in the emptiest bucket after the decision
+--   reset_us       time until every bucket is full again
+--   now_us         the Redis time the decision was made at
+--   recovered      1 if a bucket held a value this script did not write
+--                  (corrupted or of another type); it was treated as empty
+
+-- Effects replication: TIME is non-deterministic, so replicate the writes,
+-- not the script (the default from Redis 5 on; a no-op on Redis 7).
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+
+local mode = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local limit_us = tonumber(ARGV[3])
+
+-- Any legitimate TAT lies within tau plus one day (the longest reservation or
+-- pause the client accepts) of now.  Beyond that the value is corrupted.
+local SANE_DEBT_US = 86400 * 1000000
+
+local n = #KEYS
+local tats = {}
+local new_tats = {}
+local corrupt = {}
+local recovered = 0
+local granted = 1
+local refused = 0
+local wait = 0
+local longest_refusal = -1
+
+for i = 1, n do
+  local interval = tonumber(ARGV[2 + 2 * i])
+  local tau = tonumber(ARGV[3 + 2 * i])
+  local raw = redis.pcall('GET', KEYS[i])
+  local tat = now
+  if type(raw) == 'string' then
+    local value = tonumber(raw)
+    -- value ~= value is true only for NaN.
+    if value == nil or value ~= value or value > now + tau + SANE_DEBT_US then
+      tat = now + tau
+      corrupt[i] = true
+    elseif value > now then
+      tat = value
+    end
+  elseif type(raw) == 'table' and raw.err then
+    -- WRONGTYPE: some other writer's value lives here.  Err on the safe side.
+    tat = now + tau
+    corrupt[i] = true
+  end
+  if corrupt[i] then
+    recovered = 1
+  end
+  tats[i] = tat
+
+  local new_tat
+  local bucket_wait
+  if mode == 3 then
+    -- Pause: nothing is admitted before now + limit_us; then the bucket is
+    -- empty and refills at its rate, so the fleet restarts gently.
+    new_tat = math.max(tat, now + limit_us + tau - interval)
+    bucket_wait = new_tat - tau + interval - now
+  else
+    new_tat = tat + cost * interval
+    bucket_wait = new_tat - tau - now
+  end
+  if bucket_wait < 0 then
+    bucket_wait = 0
+  end
+  new_tats[i] = new_tat
+
+  local ok
+  if mode == 2 then
+    ok = bucket_wait <= limit_us
+  elseif mode == 3 then
+    ok = true
+  else
+    ok = bucket_wait == 0
+  end
+  if not ok then
+    granted = 0
+    if bucket_wait > longest_refusal then
+      longest_refusal = bucket_wait
+      refused = i
+    end
+  end
+  if bucket_wait > wait then
+    wait = bucket_wait
+  end
+end
+
+local write = granted == 1 and mode ~= 0
+local remaining = -1
+local reset = 0
+for i = 1, n do
+  local interval = tonumber(ARGV[2 + 2 * i])
+  local tau = tonumber(ARGV[3 + 2 * i])
+  local tat = tats[i]
+  if write then
+    tat = new_tats[i]
+  end
+  if write or (corrupt[i] and mode ~= 0) then
+    -- Expire when the bucket is full again: an idle bucket costs nothing.
+    -- string.format keeps all digits; tostring() would print 1.7e+15.
+    local ttl_ms = math.max(1, math.ceil((tat - now) / 1000))
+    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', string.format('%.0f', ttl_ms))
+  end
+  local tokens = math.floor((tau - (tat - now)) / interval)
+  if tokens < 0 then
+    tokens = 0
+  end
+  if remaining < 0 or tokens < remaining then
+    remaining = tokens
+  end
+  if tat - now > reset then
+    reset = tat - now
+  end
+end
+
+if granted == 0 then
+  wait = longest_refusal
+end
+
+return {granted, refused, wait, remaining, reset, now, recovered}

@@ -1,0 +1,1 @@
+"""The reference worker fleet: a Celery app configured from the environment."""
