@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .bucket import DEFAULT_MAX_WAIT, UNAVAILABLE, Decision, _Bucket, _Buckets, _join, _make_bucket
 from .checks import check_seconds, seconds_to_us
 from .errors import BackendUnavailable, ReservationRefused
-from .gcra import Mode, Outcome
+from .gcra import Mode
 from .limit import Limit
 from .script import gcra_source
 
@@ -32,7 +32,7 @@ class _AsyncBuckets(_Buckets):
         if not hasattr(client, "register_script"):
             raise TypeError(f"redis must be a redis.asyncio client, got {type(client).__name__}")
         self._redis = client
-        self._buckets = tuple(buckets)
+        self._setup(buckets)
         self._script = client.register_script(gcra_source())
 
     @property
@@ -46,8 +46,9 @@ class _AsyncBuckets(_Buckets):
             raise BackendUnavailable(self._label, exc) from exc
 
     async def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
-        reply: Any = await self._guard(lambda: self._script(keys=self.keys, args=self._args(mode, cost, limit_us)))
-        return self._decision(Outcome.from_reply(reply))
+        args = self._args(mode, cost, limit_us)
+        reply: Any = await self._guard(lambda: self._script(keys=self._keys, args=args))
+        return self._decision(reply)
 
     async def consume(self, cost: int = 1) -> Decision:
         """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
@@ -76,7 +77,7 @@ class _AsyncBuckets(_Buckets):
 
     async def reset(self) -> None:
         """Forget the bucket's state: it is full again."""
-        await self._guard(lambda: self._redis.delete(*self.keys))
+        await self._guard(lambda: self._redis.delete(*self._keys))
 
     async def server_time(self) -> float:
         """The Redis server's clock, in seconds."""

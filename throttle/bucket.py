@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
 import redis.exceptions
 
 from .checks import check_cost, check_key, check_prefix, check_seconds, full_key, seconds_to_us
 from .errors import BackendUnavailable, ReservationRefused
-from .gcra import Mode, Outcome
+from .gcra import Mode
 from .limit import Limit
 from .script import gcra_source, script_args
 from .transaction import run_transaction
@@ -110,35 +110,52 @@ class _Buckets:
 
     _buckets: tuple[_Bucket, ...]
 
+    def _setup(self, buckets: Sequence[_Bucket]) -> None:
+        # Everything a decision needs that does not change is computed here
+        # once: the hot path only looks things up.
+        self._buckets = tuple(buckets)
+        self._keys = [b.key for b in self._buckets]
+        self._limits = [b.limit for b in self._buckets]
+        self._min_burst = min(b.limit.burst for b in self._buckets)
+        self._argv: dict[tuple[Mode, int, int], list[int]] = {}
+
     @property
     def keys(self) -> list[str | bytes]:
-        return [b.key for b in self._buckets]
+        return list(self._keys)
 
     @property
     def limits(self) -> list[Limit]:
-        return [b.limit for b in self._buckets]
+        return list(self._limits)
 
     @property
     def _label(self) -> str:
-        return ",".join(b.key if isinstance(b.key, str) else b.key.decode(errors="replace") for b in self._buckets)
+        return ",".join(k if isinstance(k, str) else k.decode(errors="replace") for k in self._keys)
 
     def _cost(self, cost: object) -> int:
-        return check_cost(cost, min(b.limit.burst for b in self._buckets))
-
-    def _decision(self, outcome: Outcome) -> Decision:
-        refused_by = self._buckets[outcome.refused_index - 1].name if outcome.refused_index else None
-        return Decision(
-            allowed=outcome.granted,
-            remaining=outcome.remaining,
-            retry_after=outcome.wait_us / 1e6,
-            reset_after=outcome.reset_us / 1e6,
-            refused_by=refused_by,
-            server_time=outcome.now_us / 1e6,
-            recovered=outcome.recovered,
-        )
+        if type(cost) is int and 1 <= cost <= self._min_burst:
+            return cost
+        return check_cost(cost, self._min_burst)
 
     def _args(self, mode: Mode, cost: int, limit_us: int = 0) -> list[int]:
-        return script_args(self.limits, cost, mode, limit_us)
+        signature = (mode, cost, limit_us)
+        args = self._argv.get(signature)
+        if args is None:
+            args = script_args(self._limits, cost, mode, limit_us)
+            if len(self._argv) < 64:  # costs and waits vary; keep the cache small
+                self._argv[signature] = args
+        return args
+
+    def _decision(self, reply: Sequence[int]) -> Decision:
+        granted, refused, wait_us, remaining, reset_us, now_us, recovered = reply
+        return Decision(
+            allowed=granted == 1,
+            remaining=remaining,
+            retry_after=wait_us / 1e6,
+            reset_after=reset_us / 1e6,
+            refused_by=self._buckets[refused - 1].name if refused else None,
+            server_time=now_us / 1e6,
+            recovered=recovered == 1,
+        )
 
 
 class _SyncBuckets(_Buckets):
@@ -149,8 +166,10 @@ class _SyncBuckets(_Buckets):
             raise ValueError(f"strategy must be 'script' or 'transaction', got {strategy!r}")
         if not hasattr(client, "register_script"):
             raise TypeError(f"redis must be a redis-py client, got {type(client).__name__}")
+        if strategy == "transaction" and not isinstance(client, redis.Redis):
+            raise TypeError(f"strategy='transaction' needs a redis.Redis client, got {type(client).__name__}")
         self._redis = client
-        self._buckets = tuple(buckets)
+        self._setup(buckets)
         self.strategy: Strategy = strategy
         self._script = client.register_script(gcra_source())
 
@@ -164,16 +183,25 @@ class _SyncBuckets(_Buckets):
         except UNAVAILABLE as exc:
             raise BackendUnavailable(self._label, exc) from exc
 
+    def _eval(self, args: list[int]) -> Any:
+        # EVALSHA straight away; the registered Script reloads the source
+        # when the server has lost it (SCRIPT FLUSH, restart, failover).
+        try:
+            return self._redis.evalsha(self._script.sha, len(self._keys), *self._keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self._script(keys=self._keys, args=args)
+
     def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
         if self.strategy == "transaction":
-            client = self._redis
-            if not isinstance(client, redis.Redis):
-                raise TypeError(f"strategy='transaction' needs a redis.Redis client, got {type(client).__name__}")
-            outcome = self._guard(lambda: run_transaction(client, self.keys, self.limits, cost, mode, limit_us))
-        else:
-            reply = self._guard(lambda: self._script(keys=self.keys, args=self._args(mode, cost, limit_us)))
-            outcome = Outcome.from_reply(reply)
-        return self._decision(outcome)
+            client = cast(redis.Redis, self._redis)  # checked in __init__
+            outcome = self._guard(lambda: run_transaction(client, self._keys, self._limits, cost, mode, limit_us))
+            return self._decision(outcome.reply())
+        args = self._args(mode, cost, limit_us)
+        try:
+            reply = self._eval(args)
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable(self._label, exc) from exc
+        return self._decision(reply)
 
     def consume(self, cost: int = 1) -> Decision:
         """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
@@ -214,7 +242,7 @@ class _SyncBuckets(_Buckets):
 
     def reset(self) -> None:
         """Forget the bucket's state: it is full again."""
-        self._guard(lambda: self._redis.delete(*self.keys))
+        self._guard(lambda: self._redis.delete(*self._keys))
 
     def server_time(self) -> float:
         """The Redis server's clock, in seconds: the clock every decision uses."""

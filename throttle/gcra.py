@@ -44,6 +44,18 @@ class Outcome:
     recovered: bool
     writes: tuple[tuple[int, int] | None, ...] = ()  # per bucket: (tat, ttl_ms) to store, or None
 
+    def reply(self) -> tuple[int, int, int, int, int, int, int]:
+        """The script's reply for this outcome."""
+        return (
+            int(self.granted),
+            self.refused_index,
+            self.wait_us,
+            self.remaining,
+            self.reset_us,
+            self.now_us,
+            int(self.recovered),
+        )
+
     @classmethod
     def from_reply(cls, reply: Sequence[int]) -> Outcome:
         granted, refused, wait_us, remaining, reset_us, now_us, recovered = (int(v) for v in reply)

@@ -25,14 +25,11 @@
 --   recovered      1 if a bucket held a value this script did not write
 --                  (corrupted or of another type); it was treated as empty
 
--- Effects replication: TIME is non-deterministic, so replicate the writes,
--- not the script (the default from Redis 5 on; a no-op on Redis 7).
-if redis.replicate_commands then
-  redis.replicate_commands()
-end
+-- Needs Redis >= 5: scripts are replicated by their effects, so reading
+-- TIME before writing is allowed (and replicas get plain SETs).
 
 local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = time[1] * 1000000 + time[2]
 
 local mode = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
@@ -40,12 +37,10 @@ local limit_us = tonumber(ARGV[3])
 
 -- Any legitimate TAT lies within tau plus one day (the longest reservation or
 -- pause the client accepts) of now.  Beyond that the value is corrupted.
-local SANE_DEBT_US = 86400 * 1000000
+local SANE_DEBT_US = 86400000000
 
 local n = #KEYS
-local tats = {}
-local new_tats = {}
-local corrupt = {}
+local intervals, taus, tats, new_tats, corrupt = {}, {}, {}, {}, {}
 local recovered = 0
 local granted = 1
 local refused = 0
@@ -55,51 +50,48 @@ local longest_refusal = -1
 for i = 1, n do
   local interval = tonumber(ARGV[2 + 2 * i])
   local tau = tonumber(ARGV[3 + 2 * i])
+  intervals[i], taus[i] = interval, tau
   local raw = redis.pcall('GET', KEYS[i])
   local tat = now
-  if type(raw) == 'string' then
-    local value = tonumber(raw)
-    -- value ~= value is true only for NaN.
-    if value == nil or value ~= value or value > now + tau + SANE_DEBT_US then
+  if raw then
+    -- A string that is a sane number is ours; anything else (garbage, NaN,
+    -- absurdly far, or an error reply for a key of another type) is not,
+    -- and is treated as an empty bucket: the limit errs on the safe side.
+    local value = type(raw) == 'string' and tonumber(raw)
+    if not value or value ~= value or value > now + tau + SANE_DEBT_US then
       tat = now + tau
       corrupt[i] = true
+      recovered = 1
     elseif value > now then
       tat = value
     end
-  elseif type(raw) == 'table' and raw.err then
-    -- WRONGTYPE: some other writer's value lives here.  Err on the safe side.
-    tat = now + tau
-    corrupt[i] = true
-  end
-  if corrupt[i] then
-    recovered = 1
   end
   tats[i] = tat
 
-  local new_tat
-  local bucket_wait
+  local new_tat, bucket_wait, ok
   if mode == 3 then
     -- Pause: nothing is admitted before now + limit_us; then the bucket is
     -- empty and refills at its rate, so the fleet restarts gently.
-    new_tat = math.max(tat, now + limit_us + tau - interval)
+    new_tat = now + limit_us + tau - interval
+    if tat > new_tat then
+      new_tat = tat
+    end
     bucket_wait = new_tat - tau + interval - now
+    ok = true
   else
     new_tat = tat + cost * interval
     bucket_wait = new_tat - tau - now
-  end
-  if bucket_wait < 0 then
-    bucket_wait = 0
+    if bucket_wait < 0 then
+      bucket_wait = 0
+    end
+    if mode == 2 then
+      ok = bucket_wait <= limit_us
+    else
+      ok = bucket_wait == 0
+    end
   end
   new_tats[i] = new_tat
 
-  local ok
-  if mode == 2 then
-    ok = bucket_wait <= limit_us
-  elseif mode == 3 then
-    ok = true
-  else
-    ok = bucket_wait == 0
-  end
   if not ok then
     granted = 0
     if bucket_wait > longest_refusal then
@@ -116,17 +108,18 @@ local write = granted == 1 and mode ~= 0
 local remaining = -1
 local reset = 0
 for i = 1, n do
-  local interval = tonumber(ARGV[2 + 2 * i])
-  local tau = tonumber(ARGV[3 + 2 * i])
-  local tat = tats[i]
+  local interval, tau, tat = intervals[i], taus[i], tats[i]
   if write then
     tat = new_tats[i]
   end
   if write or (corrupt[i] and mode ~= 0) then
     -- Expire when the bucket is full again: an idle bucket costs nothing.
     -- string.format keeps all digits; tostring() would print 1.7e+15.
-    local ttl_ms = math.max(1, math.ceil((tat - now) / 1000))
-    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', string.format('%.0f', ttl_ms))
+    local ttl_ms = math.ceil((tat - now) / 1000)
+    if ttl_ms < 1 then
+      ttl_ms = 1
+    end
+    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', ttl_ms)
   end
   local tokens = math.floor((tau - (tat - now)) / interval)
   if tokens < 0 then
