@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .bucket import DEFAULT_MAX_WAIT, UNAVAILABLE, Decision, _Bucket, _Buckets, _join, _make_bucket
+from .bucket import DEFAULT_MAX_WAIT, UNAVAILABLE, Decision, _Bucket, _Buckets, _join, _latest_pause, _make_bucket
 from .checks import check_seconds, seconds_to_us
 from .errors import BackendUnavailable, ReservationRefused
 from .gcra import Mode
@@ -47,7 +47,8 @@ class _AsyncBuckets(_Buckets):
 
     async def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
         args = self._args(mode, cost, limit_us)
-        reply: Any = await self._guard(lambda: self._script(keys=self._keys, args=args))
+        keys = self._keys + self._pause_keys if mode is Mode.PAUSE else self._keys
+        reply: Any = await self._guard(lambda: self._script(keys=keys, args=args))
         return self._decision(reply)
 
     async def consume(self, cost: int = 1) -> Decision:
@@ -83,6 +84,18 @@ class _AsyncBuckets(_Buckets):
         """The Redis server's clock, in seconds."""
         seconds, micros = await self._guard(self._redis.time)
         return int(seconds) + int(micros) / 1e6
+
+    async def slot_status(self) -> tuple[float, float]:
+        """(Redis time, end of the latest pause or 0.0); see ``TokenBucket.slot_status``."""
+
+        async def ask() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.time()
+            pipe.mget(self._pause_keys)
+            return await pipe.execute()
+
+        (seconds, micros), markers = await self._guard(ask)
+        return int(seconds) + int(micros) / 1e6, _latest_pause(markers)
 
 
 class AsyncTokenBucket(_AsyncBuckets):

@@ -105,6 +105,16 @@ def _join(buckets: Sequence[Any], kind: type) -> tuple[Any, list[_Bucket]]:
     return client, parts
 
 
+def _pause_key(key: str | bytes) -> str | bytes:
+    """Where a bucket's pause end is kept (see ``lua/gcra.lua``)."""
+    return key + (b":paused" if isinstance(key, bytes) else ":paused")  # type: ignore[operator]
+
+
+def _latest_pause(markers: Sequence[Any]) -> float:
+    ends = [int(m) for m in markers if m is not None and str(m if isinstance(m, str) else m.decode()).isdigit()]
+    return max(ends) / 1e6 if ends else 0.0
+
+
 class _Buckets:
     """What sync and async buckets share: the buckets, argument checks, replies."""
 
@@ -115,6 +125,7 @@ class _Buckets:
         # once: the hot path only looks things up.
         self._buckets = tuple(buckets)
         self._keys = [b.key for b in self._buckets]
+        self._pause_keys = [_pause_key(k) for k in self._keys]
         self._limits = [b.limit for b in self._buckets]
         self._min_burst = min(b.limit.burst for b in self._buckets)
         self._argv: dict[tuple[Mode, int, int], list[int]] = {}
@@ -183,22 +194,25 @@ class _SyncBuckets(_Buckets):
         except UNAVAILABLE as exc:
             raise BackendUnavailable(self._label, exc) from exc
 
-    def _eval(self, args: list[int]) -> Any:
+    def _eval(self, keys: list[str | bytes], args: list[int]) -> Any:
         # EVALSHA straight away; the registered Script reloads the source
         # when the server has lost it (SCRIPT FLUSH, restart, failover).
         try:
-            return self._redis.evalsha(self._script.sha, len(self._keys), *self._keys, *args)
+            return self._redis.evalsha(self._script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            return self._script(keys=self._keys, args=args)
+            return self._script(keys=keys, args=args)
 
     def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
         if self.strategy == "transaction":
             client = cast(redis.Redis, self._redis)  # checked in __init__
-            outcome = self._guard(lambda: run_transaction(client, self._keys, self._limits, cost, mode, limit_us))
+            outcome = self._guard(
+                lambda: run_transaction(client, self._keys, self._limits, cost, mode, limit_us, self._pause_keys)
+            )
             return self._decision(outcome.reply())
         args = self._args(mode, cost, limit_us)
+        keys = self._keys + self._pause_keys if mode is Mode.PAUSE else self._keys
         try:
-            reply = self._eval(args)
+            reply = self._eval(keys, args)
         except UNAVAILABLE as exc:
             raise BackendUnavailable(self._label, exc) from exc
         return self._decision(reply)
@@ -248,6 +262,22 @@ class _SyncBuckets(_Buckets):
         """The Redis server's clock, in seconds: the clock every decision uses."""
         seconds, micros = self._guard(self._redis.time)
         return int(seconds) + int(micros) / 1e6
+
+    def slot_status(self) -> tuple[float, float]:
+        """(Redis time, end of the latest pause or 0.0), in seconds, in one round trip.
+
+        A caller that booked a slot checks this when its slot should have
+        come: run if the time has come and no pause began after the booking.
+        """
+
+        def ask() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.time()
+            pipe.mget(self._pause_keys)
+            return pipe.execute()
+
+        (seconds, micros), markers = self._guard(ask)
+        return int(seconds) + int(micros) / 1e6, _latest_pause(markers)
 
 
 class TokenBucket(_SyncBuckets):

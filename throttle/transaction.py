@@ -14,6 +14,7 @@ which is why the script is the default.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ def run_transaction(
     cost: int,
     mode: Mode,
     limit_us: int = 0,
+    pause_keys: Sequence[str | bytes] = (),
     max_attempts: int = MAX_ATTEMPTS,
 ) -> Outcome:
     """One decision with WATCH/MULTI/EXEC; raises ``Contention`` after ``max_attempts``."""
@@ -70,6 +72,10 @@ def run_transaction(
                     if write is not None:
                         tat, ttl_ms = write
                         pipe.set(key, str(tat), px=ttl_ms)
+                if mode is Mode.PAUSE:
+                    for marker, limit in zip(pause_keys, limits, strict=False):
+                        ttl_ms = math.ceil(limit_us / 1000) + math.ceil(limit.tau_us / 1000)
+                        pipe.set(marker, str(now + limit_us), px=ttl_ms)
                 pipe.execute()
                 return outcome
             except redis.exceptions.WatchError:

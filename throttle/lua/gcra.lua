@@ -6,7 +6,8 @@
 -- again.  A bucket with TAT <= now is full; one with TAT = now + tau is empty.
 -- Admitting `cost` tokens moves TAT forward by cost * interval.
 --
--- KEYS[i]          bucket i (all keys share a hash tag on Redis Cluster)
+-- KEYS[i]          bucket i, i = 1..n (all keys share a hash tag on Redis Cluster)
+-- KEYS[n+i]        pause mode only: bucket i's pause marker (optional)
 -- ARGV[1]          mode: 0 peek, 1 consume, 2 reserve, 3 pause
 -- ARGV[2]          cost in tokens (the same for every bucket)
 -- ARGV[3]          reserve: max_wait in us; pause: pause length in us
@@ -24,6 +25,10 @@
 --   now_us         the Redis time the decision was made at
 --   recovered      1 if a bucket held a value this script did not write
 --                  (corrupted or of another type); it was treated as empty
+--
+-- Pause also sets each bucket's marker to the pause's end (Redis us): a task
+-- that booked a slot before the pause finds it there and books again, rather
+-- than running inside the pause.
 
 -- Needs Redis >= 5: scripts are replicated by their effects, so reading
 -- TIME before writing is allowed (and replicas get plain SETs).
@@ -39,7 +44,7 @@ local limit_us = tonumber(ARGV[3])
 -- pause the client accepts) of now.  Beyond that the value is corrupted.
 local SANE_DEBT_US = 86400000000
 
-local n = #KEYS
+local n = (#ARGV - 3) / 2
 local intervals, taus, tats, new_tats, corrupt = {}, {}, {}, {}, {}
 local recovered = 0
 local granted = 1
@@ -135,6 +140,15 @@ end
 
 if granted == 0 then
   wait = longest_refusal
+end
+
+if mode == 3 and #KEYS == 2 * n then
+  local marker_ms = math.ceil(limit_us / 1000)
+  for i = 1, n do
+    -- Outlive the pause by the time to refill, so late arrivals see it too.
+    local ttl_ms = marker_ms + math.ceil(taus[i] / 1000)
+    redis.call('SET', KEYS[n + i], string.format('%.0f', now + limit_us), 'PX', ttl_ms)
+  end
 end
 
 return {granted, refused, wait, remaining, reset, now, recovered}

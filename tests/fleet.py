@@ -1,0 +1,170 @@
+"""Real Celery worker processes for fleet tests, started and stopped by pid.
+
+Each worker runs in its own session (process group), so stopping it stops
+its pool children too, and nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SYSTEM_REDIS_BROKER = "redis://127.0.0.1:6379/0"
+SYSTEM_RABBITMQ_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def broker_available(url: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Fleet:
+    """K worker processes of ``tests.fleet_app`` on a queue of their own."""
+
+    broker_url: str
+    throttle_redis_url: str
+    record_url: str
+    limits: Mapping[str, Any]
+    workers: int = 4
+    concurrency: int = 2
+    pool: str = "prefork"
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    queue: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:8]}")
+    record_key: str = field(default_factory=lambda: f"fleet:{uuid.uuid4().hex[:8]}")
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            BROKER_URL=self.broker_url,
+            THROTTLE_REDIS_URL=self.throttle_redis_url,
+            THROTTLE_LIMITS=json.dumps(self.limits),
+            THROTTLE_PREFIX=f"throttle-{self.queue}",
+            WORKER_QUEUE=self.queue,
+            RECORD_URL=self.record_url,
+            RECORD_KEY=self.record_key,
+            PYTHONPATH=str(ROOT),
+            **self.extra_env,
+        )
+        return env
+
+    def producer(self) -> Any:
+        """A plain Celery app on the fleet's broker, to send tasks by name."""
+        from celery import Celery
+
+        app = Celery("throttle-fleet-producer", broker=self.broker_url)
+        app.conf.task_default_queue = self.queue
+        app.conf.broker_connection_retry_on_startup = True
+        return app
+
+    def send(self, name: str, calls: list[tuple[Any, ...]]) -> list[str]:
+        """Send one task ``name(*args)`` per entry of ``calls``; their ids."""
+        app = self.producer()
+        ids = []
+        with app.producer_or_acquire() as producer:
+            for args in calls:
+                ids.append(app.send_task(name, args=args, queue=self.queue, producer=producer).id)
+        return ids
+
+    def start(self, timeout: float = 60.0) -> Fleet:
+        self.log_dir = Path(os.environ.get("FLEET_LOG_DIR", "/tmp")) / f"throttle-{self.queue}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.workers):
+            self.start_worker(i)
+        self.wait_ready(self.workers, timeout)
+        return self
+
+    def start_worker(self, index: int) -> subprocess.Popen[bytes]:
+        assert self.log_dir is not None
+        log = open(self.log_dir / f"worker{index}.log", "ab")  # noqa: SIM115 - closed with the process
+        args = [
+            sys.executable, "-m", "celery", "-A", "tests.fleet_app", "worker",
+            "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
+            "-n", f"w{index}-{self.queue}@%h", "-l", "info",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.processes.append(proc)
+        return proc
+
+    def wait_ready(self, count: int, timeout: float = 60.0) -> None:
+        rec = redis.Redis.from_url(self.record_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if int(rec.get(f"{self.record_key}:ready") or 0) >= count:
+                return
+            dead = [p for p in self.processes if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"worker exited with {dead[0].returncode}: see {self.log_dir}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{count} workers not ready within {timeout}s: see {self.log_dir}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM) of each worker's process group, then SIGKILL."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: pool children too
+            proc.wait()
+        self.processes.clear()
+
+    def records(self) -> list[dict[str, Any]]:
+        rec = redis.Redis.from_url(self.record_url)
+        return [json.loads(x) for x in rec.lrange(self.record_key, 0, -1)]
+
+    def counts(self, what: str) -> dict[str, int]:
+        rec = redis.Redis.from_url(self.record_url)
+        raw: dict[bytes, bytes] = rec.hgetall(f"{self.record_key}:{what}")  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def wait_for_records(self, count: int, timeout: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        rec = redis.Redis.from_url(self.record_url)
+        while time.monotonic() < deadline:
+            if rec.llen(self.record_key) >= count:
+                break
+            time.sleep(0.1)
+        return self.records()
+
+    def purge(self) -> None:
+        """Drop what is left in this fleet's queue (the queue is ours alone)."""
+        from celery import Celery
+
+        app = Celery(broker=self.broker_url)
+        try:
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_purge(self.queue)
+        except Exception:
+            pass

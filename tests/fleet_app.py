@@ -1,0 +1,112 @@
+"""The Celery app that fleet tests run in real worker processes.
+
+Configured like the reference worker (``worker.config``) from the
+environment; every task body records its start in the recording Redis
+(``RECORD_URL``, list ``RECORD_KEY``) so the test can check what ran, when,
+and how often.  Deferrals and admissions are counted through throttle's
+signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import worker_ready
+
+from throttle import RateLimited
+from throttle.celery import ThrottledTask
+from throttle.signals import backend_error, task_admitted, task_deferred
+from worker.config import celery_config
+
+app = Celery("throttle-fleet-test")
+app.conf.update(celery_config())
+app.conf.worker_hijack_root_logger = False
+
+RECORD_KEY = os.environ.get("RECORD_KEY", "fleet")
+_record: redis.Redis | None = None
+
+
+def recorder() -> redis.Redis:
+    global _record
+    if _record is None:
+        _record = redis.Redis.from_url(os.environ["RECORD_URL"])
+    return _record
+
+
+def record(task: Any, **extra: Any) -> None:
+    req = task.request
+    entry = {
+        "id": req.id,
+        "task": task.name,
+        "t": time.time(),
+        "retries": req.retries,
+        "pid": os.getpid(),
+        "deferrals": int(getattr(req, "throttle_deferrals", None) or 0),
+        "slot": int(getattr(req, "throttle_slot", None) or 0) / 1e6,
+        **extra,
+    }
+    recorder().rpush(RECORD_KEY, json.dumps(entry))
+
+
+@task_deferred.connect
+def _count_deferral(sender: Any = None, reason: str = "", **kwargs: Any) -> None:
+    recorder().hincrby(f"{RECORD_KEY}:deferred", reason, 1)
+
+
+@task_admitted.connect
+def _count_admission(sender: Any = None, paid: str = "", **kwargs: Any) -> None:
+    recorder().hincrby(f"{RECORD_KEY}:admitted", paid, 1)
+
+
+@backend_error.connect
+def _count_backend_error(sender: Any = None, policy: str = "", **kwargs: Any) -> None:
+    recorder().hincrby(f"{RECORD_KEY}:backend_error", policy, 1)
+
+
+@worker_ready.connect
+def _ready(sender: Any = None, **kwargs: Any) -> None:
+    recorder().incr(f"{RECORD_KEY}:ready")
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="api", name="fleet.work")
+def work(self: ThrottledTask, n: int) -> int:
+    record(self, n=n)
+    return n
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="api", name="fleet.other_work")
+def other_work(self: ThrottledTask, n: int) -> int:
+    """A second task type naming the same limit: they share one bucket."""
+    record(self, n=n)
+    return n
+
+
+def _tenant(n: int, tenant: str) -> str:
+    return tenant
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="tenant", throttle_key=_tenant, name="fleet.tenant_work")
+def tenant_work(self: ThrottledTask, n: int, tenant: str) -> int:
+    record(self, n=n, tenant=tenant)
+    return n
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="api", name="fleet.hit_429_once")
+def hit_429_once(self: ThrottledTask, n: int, retry_after: float) -> int:
+    """Raises RateLimited the first time it runs (fleet-wide), then succeeds."""
+    if recorder().set(f"{RECORD_KEY}:429", 1, nx=True):
+        record(self, n=n, raised=True)
+        raise RateLimited(retry_after=retry_after)
+    record(self, n=n)
+    return n
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="api", max_retries=0, name="fleet.no_retries")
+def no_retries(self: ThrottledTask, n: int) -> int:
+    record(self, n=n)
+    return n

@@ -1,0 +1,186 @@
+"""throttle's settings, read once per Celery app from ``app.conf``.
+
+Every setting is a lowercase Celery setting (``throttle_limits``...), so it
+can live wherever the app's configuration lives; with Django's
+``config_from_object("django.conf:settings", namespace="CELERY")`` they are
+``CELERY_THROTTLE_LIMITS`` and so on.  A wrong value raises ``ValueError``
+naming the setting, when the app is finalized (worker start, first
+``apply_async``), not at the first task.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from .limit import Limit
+
+__all__ = ["NamedLimit", "ThrottleSettings", "settings_for", "ON_BACKEND_ERROR"]
+
+ON_BACKEND_ERROR = ("defer", "allow", "fail")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+#: Defaults: how long a task may wait in total, and the longest single
+#: countdown.  A countdown must stay well under the broker's redelivery
+#: horizon (Redis visibility_timeout 3600 s, RabbitMQ consumer_timeout 30 min).
+DEFAULT_MAX_DEFER = 3600.0
+DEFAULT_MAX_COUNTDOWN = 600.0
+DEFAULT_REDIS_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 5.0,
+    "health_check_interval": 30,
+}
+
+
+@dataclass(frozen=True)
+class NamedLimit:
+    """A limit with a name: the bucket every task naming it shares.
+
+    ``per_key``: when a task gives ``throttle_key``, this limit is split into
+    one bucket per key (True, the default) or stays one bucket for all keys
+    (False: a global quota decided together with per-tenant ones).
+    """
+
+    name: str
+    limit: Limit
+    per_key: bool = True
+
+
+@dataclass(frozen=True)
+class ThrottleSettings:
+    redis_url: str
+    prefix: str = "throttle"
+    limits: Mapping[str, NamedLimit] = field(default_factory=dict)
+    on_backend_error: str = "defer"
+    max_defer: float = DEFAULT_MAX_DEFER
+    max_countdown: float = DEFAULT_MAX_COUNTDOWN
+    redis_options: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_REDIS_OPTIONS))
+
+    @classmethod
+    def from_conf(cls, conf: Any) -> ThrottleSettings:
+        """Read and check every ``throttle_*`` setting of a Celery ``app.conf``."""
+        return cls(
+            redis_url=_redis_url(conf),
+            prefix=_prefix(conf.get("throttle_prefix", "throttle")),
+            limits=parse_limits(conf.get("throttle_limits") or {}),
+            on_backend_error=_policy(conf.get("throttle_on_backend_error", "defer")),
+            max_defer=_seconds("throttle_max_defer", conf.get("throttle_max_defer", DEFAULT_MAX_DEFER)),
+            max_countdown=_max_countdown(conf),
+            redis_options=_redis_options(conf.get("throttle_redis_options")),
+        )
+
+
+def check_limit_name(name: object, setting: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{setting}: limit name {name!r} must be letters, digits, '_', '.' or '-'")
+    return name
+
+
+def parse_limits(value: object) -> dict[str, NamedLimit]:
+    """``{"github": {"rate": "10/s", "burst": 5}, "mail": "100/m"}`` -> NamedLimits."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"throttle_limits must be a dict of name -> {{'rate': ..., 'burst': ...}}, got {value!r}")
+    limits: dict[str, NamedLimit] = {}
+    for name, given in value.items():
+        check_limit_name(name, "throttle_limits")
+        where = f"throttle_limits[{name!r}]"
+        is_rate = isinstance(given, (str, int, float)) and not isinstance(given, bool)
+        spec = {"rate": given} if is_rate else given
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where} must be a rate or a dict with 'rate' and 'burst', got {spec!r}")
+        unknown = set(spec) - {"rate", "burst", "per_key"}
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {sorted(unknown)}: use 'rate', 'burst', 'per_key'")
+        if "rate" not in spec:
+            raise ValueError(f"{where} needs a 'rate' such as '10/s'")
+        try:
+            limit = Limit(spec["rate"], spec.get("burst", 1))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        per_key = spec.get("per_key", True)
+        if not isinstance(per_key, bool):
+            raise ValueError(f"{where}['per_key'] must be True or False, got {per_key!r}")
+        limits[name] = NamedLimit(name, limit, per_key)
+    return limits
+
+
+def _redis_url(conf: Any) -> str:
+    url = conf.get("throttle_redis_url")
+    if url is None:
+        broker = conf.get("broker_url") or ""
+        if isinstance(broker, str) and broker.startswith(("redis://", "rediss://", "unix://")):
+            return broker
+        raise ValueError(
+            "throttle_redis_url is not set and the broker is not Redis: set throttle_redis_url = 'redis://host:6379/0'"
+        )
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"throttle_redis_url must be a redis://, rediss:// or unix:// URL, got {_redact(url)!r}")
+    return url
+
+
+def _redact(url: object) -> object:
+    """Hide a password in a URL before it goes into an error message."""
+    if isinstance(url, str):
+        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    return url
+
+
+def _prefix(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"throttle_prefix must be a str, got {value!r}")
+    return value
+
+
+def _policy(value: object) -> str:
+    if value not in ON_BACKEND_ERROR:
+        raise ValueError(f"throttle_on_backend_error must be one of {', '.join(ON_BACKEND_ERROR)}; got {value!r}")
+    return str(value)
+
+
+def _seconds(setting: str, value: object, upper: float = 86400.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{setting} must be a number of seconds, got {value!r}")
+    if not 0 < value <= upper:
+        raise ValueError(f"{setting} must be > 0 and at most {upper:g} seconds, got {value!r}")
+    return float(value)
+
+
+def _max_countdown(conf: Any) -> float:
+    """The longest countdown: the setting, kept under the broker's horizon."""
+    value = _seconds("throttle_max_countdown", conf.get("throttle_max_countdown", DEFAULT_MAX_COUNTDOWN))
+    options = conf.get("broker_transport_options") or {}
+    visibility = options.get("visibility_timeout") if isinstance(options, Mapping) else None
+    if isinstance(visibility, (int, float)) and visibility > 0:
+        # An unacked (held) message older than visibility_timeout is
+        # delivered again: stay at half of it.
+        value = min(value, visibility / 2)
+    return value
+
+
+def _redis_options(value: object) -> dict[str, Any]:
+    options = dict(DEFAULT_REDIS_OPTIONS)
+    if value is None:
+        return options
+    if not isinstance(value, Mapping):
+        raise ValueError(f"throttle_redis_options must be a dict of redis-py keyword arguments, got {value!r}")
+    options.update(value)
+    return options
+
+
+_cache: weakref.WeakKeyDictionary[Celery, ThrottleSettings] = weakref.WeakKeyDictionary()
+
+
+def settings_for(app: Celery) -> ThrottleSettings:
+    """The app's settings, read and checked on first use, then cached."""
+    settings = _cache.get(app)
+    if settings is None:
+        settings = ThrottleSettings.from_conf(app.conf)
+        _cache[app] = settings
+    return settings

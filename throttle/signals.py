@@ -1,0 +1,33 @@
+"""Celery signals the gate sends, for monitors and metrics to count.
+
+Connect like any Celery signal::
+
+    from throttle.signals import task_deferred
+
+    @task_deferred.connect
+    def count(sender, task_id, wait, reason, **kwargs): ...
+
+Every signal is sent in the worker process that made the decision, with the
+task (``sender``), ``task_id`` and ``limits`` (the bucket names decided).
+"""
+
+from __future__ import annotations
+
+from celery.utils.dispatch import Signal
+
+__all__ = ["task_admitted", "task_deferred", "limit_paused", "backend_error"]
+
+#: The body is about to run.  ``paid``: "now" (tokens taken at this delivery)
+#: or "booked" (the task comes back at a slot it booked earlier).
+task_admitted = Signal(name="throttle_task_admitted")
+
+#: The task was re-sent with a countdown instead of running.  ``reason``:
+#: "empty" (slot booked), "early" (came back before its slot), "paused",
+#: "rate_limited" (the body raised RateLimited), "backend" (Redis down).
+task_deferred = Signal(name="throttle_task_deferred")
+
+#: A body raised RateLimited: the limits were paused for ``seconds``.
+limit_paused = Signal(name="throttle_limit_paused")
+
+#: Redis could not answer; ``policy`` says what was done ("defer", "allow", "fail").
+backend_error = Signal(name="throttle_backend_error")

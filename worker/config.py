@@ -1,0 +1,61 @@
+"""The reference worker's configuration, from environment variables only.
+
+| variable | default | meaning |
+|---|---|---|
+| BROKER_URL | redis://localhost:6379/0 | Celery broker (Redis or RabbitMQ `amqp://`) |
+| THROTTLE_REDIS_URL | the broker, if Redis | where the shared buckets live |
+| THROTTLE_LIMITS | `{"api": {"rate": "20/s", "burst": 5}}` | JSON, as the `throttle_limits` setting |
+| THROTTLE_PREFIX | throttle | key prefix in Redis |
+| THROTTLE_ON_BACKEND_ERROR | defer | defer, allow or fail when Redis is down |
+| THROTTLE_MAX_DEFER | 3600 | seconds a task may wait in total |
+| WORKER_QUEUE | throttle-demo | the queue the example tasks use |
+| API_URL | http://127.0.0.1:8080 | the outbound API the example tasks call |
+| API_TIMEOUT | 10 | seconds per HTTP request |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULT_LIMITS = {"api": {"rate": "20/s", "burst": 5}}
+
+
+def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Celery settings for the reference worker, read from ``env``."""
+    env = os.environ if env is None else env
+    broker = env.get("BROKER_URL", "redis://localhost:6379/0")
+    raw_limits = env.get("THROTTLE_LIMITS")
+    try:
+        limits = json.loads(raw_limits) if raw_limits else DEFAULT_LIMITS
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"THROTTLE_LIMITS must be JSON like {json.dumps(DEFAULT_LIMITS)}: {exc}") from exc
+    queue = env.get("WORKER_QUEUE", "throttle-demo")
+    config: dict[str, Any] = {
+        "broker_url": broker,
+        "throttle_limits": limits,
+        "throttle_prefix": env.get("THROTTLE_PREFIX", "throttle"),
+        "throttle_on_backend_error": env.get("THROTTLE_ON_BACKEND_ERROR", "defer"),
+        "throttle_max_defer": float(env.get("THROTTLE_MAX_DEFER", "3600")),
+        "task_default_queue": queue,
+        "task_ignore_result": True,
+        # Deferred tasks wait in the broker, not in a worker's prefetch.
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+    }
+    if env.get("THROTTLE_REDIS_URL"):
+        config["throttle_redis_url"] = env["THROTTLE_REDIS_URL"]
+    return config
+
+
+def api_url(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("API_URL", "http://127.0.0.1:8080").rstrip("/")
+
+
+def api_timeout(env: Mapping[str, str] | None = None) -> float:
+    env = os.environ if env is None else env
+    return float(env.get("API_TIMEOUT", "10"))
