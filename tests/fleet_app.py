@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import task_failure, worker_ready
 
 from throttle import RateLimited
 from throttle.celery import ThrottledTask
@@ -66,6 +66,11 @@ def _count_admission(sender: Any = None, paid: str = "", **kwargs: Any) -> None:
 @backend_error.connect
 def _count_backend_error(sender: Any = None, policy: str = "", **kwargs: Any) -> None:
     recorder().hincrby(f"{RECORD_KEY}:backend_error", policy, 1)
+
+
+@task_failure.connect
+def _count_failure(sender: Any = None, exception: BaseException | None = None, **kwargs: Any) -> None:
+    recorder().hincrby(f"{RECORD_KEY}:failed", type(exception).__name__, 1)
 
 
 @worker_ready.connect

@@ -7,6 +7,7 @@ buckets live in the test session's private redis-server.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.fleet import SYSTEM_RABBITMQ_BROKER, SYSTEM_REDIS_BROKER, Fleet, broker_available
+from throttle.embedded_redis import RedisServer
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -42,11 +44,11 @@ def max_in_window(times: list[float], window: float = 1.0) -> int:
 def fleet_factory(redis_url: str) -> Iterator[Any]:
     fleets: list[Fleet] = []
 
-    def make(broker: str, limits: dict[str, Any], **kwargs: Any) -> Fleet:
+    def make(broker: str, limits: dict[str, Any], throttle_redis_url: str = redis_url, **kwargs: Any) -> Fleet:
         # Every task of tests.fleet_app needs its limit configured, or the
         # worker refuses to start (as it should).
         limits = {"api": {"rate": "20/s", "burst": 5}, "tenant": {"rate": "5/s", "burst": 1}, **limits}
-        fleet = Fleet(broker, redis_url, redis_url, limits, **kwargs)
+        fleet = Fleet(broker, throttle_redis_url, redis_url, limits, **kwargs)
         fleets.append(fleet)
         return fleet.start()
 
@@ -72,3 +74,128 @@ def test_fleet_holds_the_limit(fleet_factory: Any, broker: str) -> None:
     assert all(r["retries"] == 0 for r in records), "deferrals never spend the retry budget"
     deferred = sum(fleet.counts("deferred").values())
     assert deferred / 200 <= 1.2, f"{deferred} deferrals for 200 tasks"
+
+
+def test_threads_pool_holds_the_limit(fleet_factory: Any) -> None:
+    """The threads pool shares one task object across threads: same guarantees."""
+    fleet = fleet_factory(_broker("redis"), {}, workers=2, concurrency=4, pool="threads")
+    ids = fleet.send("fleet.work", [(i,) for i in range(100)])
+    records = fleet.wait_for_records(100, timeout=60)
+    ran = Counter(r["id"] for r in records)
+    assert set(ran) == set(ids) and max(ran.values()) == 1
+    starts = sorted(r["t"] for r in records)
+    assert max_in_window(starts) <= 25
+    assert all(r["retries"] == 0 for r in records)
+
+
+def test_two_task_types_share_one_limit(fleet_factory: Any) -> None:
+    fleet = fleet_factory(_broker("redis"), {"api": {"rate": "10/s", "burst": 2}}, workers=2)
+    calls = [(i,) for i in range(30)]
+    ids = fleet.send("fleet.work", calls) + fleet.send("fleet.other_work", calls)
+    records = fleet.wait_for_records(60, timeout=60)
+    assert {r["id"] for r in records} == set(ids)
+    assert {r["task"] for r in records} == {"fleet.work", "fleet.other_work"}
+    starts = sorted(r["t"] for r in records)
+    # One shared bucket: 60 tasks need (60 - 2) / 10 = 5.8 s, never 2.9 s each.
+    assert max_in_window(starts) <= 12
+    assert starts[-1] - starts[0] >= 5.8 - 0.1
+
+
+def test_tenants_have_their_own_buckets(fleet_factory: Any) -> None:
+    """One tenant's flood does not delay another tenant."""
+    fleet = fleet_factory(_broker("redis"), {"tenant": {"rate": "5/s", "burst": 1}}, workers=2)
+    fleet.send("fleet.tenant_work", [(i, "flood") for i in range(40)])
+    sent_at = time.time()
+    fleet.send("fleet.tenant_work", [(i, "quiet") for i in range(5)])
+    records = fleet.wait_for_records(45, timeout=60)
+    quiet = sorted(r["t"] for r in records if r["tenant"] == "quiet")
+    flood = sorted(r["t"] for r in records if r["tenant"] == "flood")
+    assert len(quiet) == 5 and len(flood) == 40
+    # The quiet tenant's 5 calls take 4 / 5 = 0.8 s at its own rate; the
+    # flood's bucket is 8 s deep.
+    assert quiet[-1] - sent_at <= 3.0
+    assert flood[-1] - flood[0] >= (40 - 1) / 5 - 0.1
+    assert max_in_window(flood) <= 6 and max_in_window(quiet) <= 6
+
+
+def test_rate_limited_pauses_the_whole_fleet(fleet_factory: Any) -> None:
+    fleet = fleet_factory(_broker("redis"), {"api": {"rate": "20/s", "burst": 5}})
+    [raiser] = fleet.send("fleet.hit_429_once", [(0, 2.0)])
+    fleet.wait_for_records(1, timeout=30)
+    fleet.send("fleet.work", [(i,) for i in range(40)])
+    records = fleet.wait_for_records(42, timeout=60)
+    raised_at = next(r["t"] for r in records if r.get("raised"))
+    # The task that raised completes, once more, after the pause.
+    assert [r for r in records if r["id"] == raiser and not r.get("raised")]
+    others = sorted(r["t"] for r in records if not r.get("raised"))
+    assert len(others) == 41
+    paused = [t for t in others if raised_at < t < raised_at + 2.0]
+    assert paused == [], f"{len(paused)} bodies started during the 2 s pause"
+    # Then work resumes at the rate (from an empty bucket).
+    assert others[0] >= raised_at + 2.0
+    assert max_in_window(others) <= 25
+    assert all(r["retries"] == 0 for r in records)
+
+
+def test_deferred_five_times_with_max_retries_zero(fleet_factory: Any) -> None:
+    fleet = fleet_factory(
+        _broker("redis"),
+        {"api": {"rate": "1/s", "burst": 1}},
+        workers=1,
+        extra_env={"THROTTLE_MAX_COUNTDOWN": "0.4"},
+    )
+    ids = fleet.send("fleet.no_retries", [(i,) for i in range(3)])
+    records = fleet.wait_for_records(3, timeout=30)
+    assert {r["id"] for r in records} == set(ids)
+    last = max(records, key=lambda r: r["t"])
+    # Its slot was 2 s away and no countdown may exceed 0.4 s: it hopped.
+    assert last["deferrals"] >= 5
+    assert last["retries"] == 0
+    assert fleet.counts("failed") == {}
+
+
+def test_backend_down_defer_loses_nothing(fleet_factory: Any, redis_url: str, restartable_redis: RedisServer) -> None:
+    fleet = fleet_factory(
+        _broker("redis"), {"api": {"rate": "50/s", "burst": 10}}, workers=2, throttle_redis_url=restartable_redis.url
+    )
+    restartable_redis.stop()
+    ids = fleet.send("fleet.work", [(i,) for i in range(20)])
+    time.sleep(3)
+    assert fleet.records() == [], "with 'defer' no body runs while Redis is down"
+    assert fleet.counts("backend_error").get("defer", 0) >= 20
+    restartable_redis.start()
+    records = fleet.wait_for_records(20, timeout=90)
+    ran = Counter(r["id"] for r in records)
+    assert set(ran) == set(ids) and max(ran.values()) == 1
+
+
+def test_backend_down_allow_runs_unthrottled(fleet_factory: Any, restartable_redis: RedisServer) -> None:
+    fleet = fleet_factory(
+        _broker("redis"),
+        {"api": {"rate": "1/m", "burst": 1}},
+        workers=1,
+        throttle_redis_url=restartable_redis.url,
+        extra_env={"THROTTLE_ON_BACKEND_ERROR": "allow"},
+    )
+    restartable_redis.stop()
+    ids = fleet.send("fleet.work", [(i,) for i in range(5)])
+    records = fleet.wait_for_records(5, timeout=60)
+    assert {r["id"] for r in records} == set(ids)
+    assert fleet.counts("backend_error") == {"allow": 5}
+
+
+def test_backend_down_fail_fails_the_task(fleet_factory: Any, restartable_redis: RedisServer) -> None:
+    fleet = fleet_factory(
+        _broker("redis"),
+        {"api": {"rate": "10/s", "burst": 1}},
+        workers=1,
+        throttle_redis_url=restartable_redis.url,
+        extra_env={"THROTTLE_ON_BACKEND_ERROR": "fail"},
+    )
+    restartable_redis.stop()
+    fleet.send("fleet.work", [(i,) for i in range(3)])
+    deadline = time.monotonic() + 60
+    while fleet.counts("failed").get("BackendUnavailable", 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert fleet.counts("failed") == {"BackendUnavailable": 3}
+    assert fleet.records() == []

@@ -139,3 +139,20 @@ def test_constructors_check_their_arguments(redis_url: str) -> None:
         bucket.reserve(max_wait=-1)
     with pytest.raises(ValueError, match="seconds"):
         bucket.pause(math.inf)
+
+
+def test_errors_survive_pickling() -> None:
+    """Task errors cross from pool processes to the worker and result backends."""
+    import pickle
+
+    from throttle import BackendUnavailable, Contention, RateLimited, ReservationRefused
+
+    cause = redis.exceptions.ConnectionError("refused")
+    for error in (
+        BackendUnavailable("k", cause),
+        Contention("k", 3),
+        ReservationRefused("k", 2.0, 1.0),
+        RateLimited(2.5),
+    ):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)

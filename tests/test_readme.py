@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +48,42 @@ def test_original_example_names_exist() -> None:
         "burst_rate",
         "replenishment_rate",
     )
+
+
+@pytest.mark.fleet
+def test_celery_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
+    """tasks.py from the README, a real worker, 30 tasks: 10/s burst 5 holds."""
+    (tmp_path / "tasks.py").write_text(quickstart("celery"))
+    env = dict(os.environ, REDIS_URL=redis_url, PYTHONPATH=str(tmp_path))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--concurrency", "4", "--without-mingle",
+         "--without-gossip", "-l", "warning"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        code = (
+            "import time; from tasks import fetch_repo; t = time.monotonic(); "
+            "r = [fetch_repo.delay(f'r{i}') for i in range(30)]; "
+            "print([x.get(timeout=60) for x in r]); print(time.monotonic() - t)"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        names, elapsed = result.stdout.strip().splitlines()
+        assert names == str([f"r{i}" for i in range(30)])
+        # 30 calls at 10/s with a burst of 5 need at least 2.5 s.
+        assert float(elapsed) >= 2.5 - 0.05
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()

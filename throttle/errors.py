@@ -35,6 +35,10 @@ class BackendUnavailable(ThrottleError):
         self.key = key
         self.cause = cause
 
+    def __reduce__(self) -> tuple[type[BackendUnavailable], tuple[str, BaseException]]:
+        # Errors cross process boundaries (prefork pool, result backends).
+        return (type(self), (self.key, self.cause))
+
 
 class Contention(ThrottleError):
     """The transaction engine lost its optimistic race too many times in a row."""
@@ -43,6 +47,9 @@ class Contention(ThrottleError):
         super().__init__(f"bucket {key!r} still contended after {attempts} WATCH attempts")
         self.key = key
         self.attempts = attempts
+
+    def __reduce__(self) -> tuple[type[Contention], tuple[str, int]]:
+        return (type(self), (self.key, self.attempts))
 
 
 class ReservationRefused(ThrottleError):
@@ -53,6 +60,9 @@ class ReservationRefused(ThrottleError):
         self.key = key
         self.wait = wait
         self.max_wait = max_wait
+
+    def __reduce__(self) -> tuple[type[ReservationRefused], tuple[str, float, float]]:
+        return (type(self), (self.key, self.wait, self.max_wait))
 
 
 class RateLimited(ThrottleError):
@@ -72,5 +82,4 @@ class RateLimited(ThrottleError):
         self.retry_after = float(retry_after)
 
     def __reduce__(self) -> tuple[type[RateLimited], tuple[float, str]]:
-        # Exceptions cross process boundaries (prefork pool, result backend).
         return (type(self), (self.retry_after, str(self)))

@@ -8,6 +8,7 @@
 | THROTTLE_PREFIX | throttle | key prefix in Redis |
 | THROTTLE_ON_BACKEND_ERROR | defer | defer, allow or fail when Redis is down |
 | THROTTLE_MAX_DEFER | 3600 | seconds a task may wait in total |
+| THROTTLE_MAX_COUNTDOWN | 600 | longest single countdown; longer waits travel in hops |
 | WORKER_QUEUE | throttle-demo | the queue the example tasks use |
 | API_URL | http://127.0.0.1:8080 | the outbound API the example tasks call |
 | API_TIMEOUT | 10 | seconds per HTTP request |
@@ -39,6 +40,7 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "throttle_prefix": env.get("THROTTLE_PREFIX", "throttle"),
         "throttle_on_backend_error": env.get("THROTTLE_ON_BACKEND_ERROR", "defer"),
         "throttle_max_defer": float(env.get("THROTTLE_MAX_DEFER", "3600")),
+        "throttle_max_countdown": float(env.get("THROTTLE_MAX_COUNTDOWN", "600")),
         "task_default_queue": queue,
         "task_ignore_result": True,
         # Deferred tasks wait in the broker, not in a worker's prefetch.

@@ -1,0 +1,170 @@
+"""Settings and task options: bad values fail early and say what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, ClassVar
+
+import pytest
+from celery import Celery
+
+from tests.fleet import ROOT
+from throttle.celery import ThrottledTask
+from throttle.celery_settings import ThrottleSettings
+from throttle.embedded_redis import free_port
+
+
+def make_app(**conf: Any) -> Celery:
+    app = Celery("t", broker="memory://", set_as_current=False)
+    app.conf.throttle_redis_url = conf.pop("throttle_redis_url", f"redis://127.0.0.1:{free_port()}/0")
+    app.conf.update(conf)
+    return app
+
+
+def finalize_with(app: Celery, **options: Any) -> Any:
+    @app.task(base=ThrottledTask, shared=False, **options)
+    def job(n: int = 0, tenant: str = "a") -> int:
+        return n
+
+    app.finalize()
+    return app.tasks[job.name]
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        ({"api": {"rate": "10/x"}}, "throttle_limits['api']: rate '10/x' has unknown unit 'x'"),
+        ({"api": {"rate": "10/s", "burst": 0}}, "throttle_limits['api']: burst must be at least 1"),
+        ({"api": {"burst": 3}}, "throttle_limits['api'] needs a 'rate'"),
+        ({"api": {"rate": "1/s", "brust": 3}}, "unknown keys ['brust']"),
+        ({"a b": "1/s"}, "limit name 'a b'"),
+        ({"api": "fast"}, "rate 'fast' is not a rate"),
+        (["api"], "throttle_limits must be a dict"),
+    ],
+)
+def test_bad_limits_name_the_setting(limits: Any, words: str) -> None:
+    app = make_app(throttle_limits=limits)
+    with pytest.raises(ValueError) as info:
+        finalize_with(app, throttle="api")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("conf", "words"),
+    [
+        ({"throttle_on_backend_error": "ignore"}, "throttle_on_backend_error must be one of defer, allow, fail"),
+        ({"throttle_max_defer": -1}, "throttle_max_defer must be > 0"),
+        ({"throttle_max_defer": float("nan")}, "throttle_max_defer must be a number"),
+        ({"throttle_max_countdown": 0}, "throttle_max_countdown must be > 0"),
+        ({"throttle_prefix": 5}, "throttle_prefix must be a str"),
+        ({"throttle_redis_url": "http://x"}, "throttle_redis_url must be a redis://"),
+        ({"throttle_redis_options": "fast"}, "throttle_redis_options must be a dict"),
+    ],
+)
+def test_bad_settings_name_the_setting(conf: dict[str, Any], words: str) -> None:
+    app = make_app(throttle_limits={"api": "1/s"}, **conf)
+    with pytest.raises(ValueError) as info:
+        finalize_with(app, throttle="api")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        ({"throttle": "githb"}, ValueError, "throttle='githb' is not in throttle_limits (api)"),
+        ({"throttle": "10/x"}, ValueError, "unknown unit 'x'"),
+        ({"throttle": "10/s", "throttle_burst": 0}, ValueError, "burst must be at least 1"),
+        ({"throttle": "api", "throttle_cost": 5}, ValueError, "throttle_cost 5 is larger than the burst 2"),
+        ({"throttle": "api", "throttle_cost": 0}, ValueError, "throttle_cost must be at least 1"),
+        ({"throttle": "api", "throttle_key": "tenant"}, TypeError, "throttle_key must be a callable"),
+        ({"throttle": 10}, TypeError, "throttle must be a limit name"),
+        ({"throttle": []}, ValueError, "must name at least one limit"),
+        ({"throttle": ["api", "api"]}, ValueError, "names a limit twice"),
+    ],
+)
+def test_bad_task_options_fail_at_finalize(options: dict[str, Any], error: type[Exception], words: str) -> None:
+    app = make_app(throttle_limits={"api": {"rate": "10/s", "burst": 2}})
+    with pytest.raises(error) as info:
+        finalize_with(app, **options)
+    assert words in str(info.value)
+    assert "task '" in str(info.value)
+
+
+def test_redis_url_from_broker_or_required() -> None:
+    app = Celery("t", broker="redis://127.0.0.1:1/3", set_as_current=False)
+    assert ThrottleSettings.from_conf(app.conf).redis_url == "redis://127.0.0.1:1/3"
+    app = Celery("t", broker="amqp://guest:secret@127.0.0.1//", set_as_current=False)
+    with pytest.raises(ValueError, match="throttle_redis_url is not set and the broker is not Redis"):
+        ThrottleSettings.from_conf(app.conf)
+
+
+def test_password_never_in_error(capsys: pytest.CaptureFixture[str]) -> None:
+    app = make_app(throttle_redis_url="http://user:hunter2@host/")
+    with pytest.raises(ValueError) as info:
+        ThrottleSettings.from_conf(app.conf)
+    assert "hunter2" not in str(info.value)
+
+
+def test_countdown_stays_under_visibility_timeout() -> None:
+    app = make_app(broker_transport_options={"visibility_timeout": 300})
+    assert ThrottleSettings.from_conf(app.conf).max_countdown == 150
+
+
+def test_django_style_namespace() -> None:
+    """With namespace='CELERY', settings come from CELERY_THROTTLE_* names."""
+
+    class DjangoSettings:
+        CELERY_THROTTLE_LIMITS: ClassVar[dict[str, Any]] = {"github": {"rate": "10/s", "burst": 5}}
+        CELERY_THROTTLE_REDIS_URL = "redis://127.0.0.1:6390/1"
+        CELERY_THROTTLE_PREFIX = "myapp"
+
+    app = Celery("t", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    settings = ThrottleSettings.from_conf(app.conf)
+    assert settings.redis_url == "redis://127.0.0.1:6390/1"
+    assert settings.prefix == "myapp"
+    assert settings.limits["github"].limit.burst == 5
+
+
+def test_apply_async_refuses_a_dynamic_cost_over_the_burst() -> None:
+    app = make_app(throttle_limits={"api": {"rate": "10/s", "burst": 2}})
+    task = finalize_with(app, throttle="api", throttle_cost=lambda n=0, tenant="a": n)
+    with pytest.raises(ValueError, match="throttle_cost 3 is larger than the burst 2"):
+        task.apply_async((3,))
+    with pytest.raises(ValueError, match="throttle_key must return a non-empty str"):
+        finalize_with(
+            make_app(throttle_limits={"api": "1/s"}), throttle="api", throttle_key=lambda n=0, tenant="a": None
+        ).apply_async((1,))
+
+
+def test_eager_and_direct_calls_bypass_the_gate() -> None:
+    """No Redis listens at throttle_redis_url: only a bypassed gate can succeed."""
+    app = make_app(throttle_limits={"api": {"rate": "1/h", "burst": 1}}, task_always_eager=True)
+    task = finalize_with(app, throttle="api")
+    assert [task.delay(i).get() for i in range(3)] == [0, 1, 2]
+    assert task.apply((7,)).get() == 7
+    assert task(8) == 8
+
+
+def test_worker_refuses_to_start_with_a_bad_limit() -> None:
+    env = dict(
+        os.environ,
+        BROKER_URL="memory://",
+        THROTTLE_REDIS_URL="redis://127.0.0.1:1/0",
+        THROTTLE_LIMITS=json.dumps({"api": {"rate": "10/x", "burst": 5}}),
+        PYTHONPATH=str(ROOT),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-P", "solo", "--without-mingle"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "throttle_limits['api']: rate '10/x' has unknown unit 'x'" in result.stderr + result.stdout
