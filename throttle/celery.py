@@ -78,11 +78,12 @@ class _Plan:
 
     @property
     def grace(self) -> float:
-        """How late a task may start at its booked slot: one emission interval
-        of its strictest limit (5 ms to 1 s).  Later, and it would start in
-        the next task's turn."""
+        """How late a task may still start at its booked slot: two emission
+        intervals of its strictest limit (10 ms to 1 s).  Any 1 s window then
+        holds at most two starts more than the slots in it; a task later than
+        that books again rather than bunch up with the tasks after it."""
         interval = min(nl.limit.interval_us for nl in self.limits) / 1e6
-        return min(1.0, max(0.005, interval))
+        return min(1.0, max(0.01, 2 * interval))
 
     def cost_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> int:
         if callable(self.cost):

@@ -6,5 +6,5 @@ from celery import Celery
 
 from .config import celery_config
 
-app = Celery("throttle-worker", include=["worker.tasks"])
+app = Celery("throttle-worker", include=["worker.tasks", "worker.stats"])
 app.conf.update(celery_config())

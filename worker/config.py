@@ -12,6 +12,8 @@
 | WORKER_QUEUE | throttle-demo | the queue the example tasks use |
 | API_URL | http://127.0.0.1:8080 | the outbound API the example tasks call |
 | API_TIMEOUT | 10 | seconds per HTTP request |
+| RESULT_BACKEND | (none) | store results (the producer's `--wait` needs it) |
+| BUILTIN_RATE_LIMIT | (none) | Celery's own per-worker `rate_limit` for `worker.call_api_unthrottled`, for comparison |
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     }
     if env.get("THROTTLE_REDIS_URL"):
         config["throttle_redis_url"] = env["THROTTLE_REDIS_URL"]
+    if env.get("RESULT_BACKEND"):
+        config["result_backend"] = env["RESULT_BACKEND"]
+        config["task_ignore_result"] = False
+    if env.get("BUILTIN_RATE_LIMIT"):
+        config["task_annotations"] = {"worker.call_api_unthrottled": {"rate_limit": env["BUILTIN_RATE_LIMIT"]}}
     return config
 
 

@@ -70,7 +70,11 @@ def call_api_for(self: ThrottledTask, n: int, tenant: str) -> dict[str, Any]:
     return call("/call", self.request.id, {"n": n, "tenant": tenant})
 
 
-@app.task(name="worker.call_api_unthrottled", bind=True)
+@app.task(name="worker.call_api_unthrottled", bind=True, max_retries=None)
 def call_api_unthrottled(self: Any, n: int) -> dict[str, Any]:
-    """The same call with Celery's own per-worker ``rate_limit`` (set at run time)."""
-    return call("/call", self.request.id, {"n": n})
+    """The same call limited only by Celery's own per-worker ``rate_limit``
+    (``BUILTIN_RATE_LIMIT``), retrying after a 429 the usual Celery way."""
+    try:
+        return call("/call", self.request.id, {"n": n})
+    except RateLimited as exc:
+        raise self.retry(countdown=exc.retry_after, exc=exc) from exc
