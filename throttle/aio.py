@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .bucket import DEFAULT_MAX_WAIT, UNAVAILABLE, Decision, _Bucket, _Buckets, _join, _latest_pause, _make_bucket
+from .bucket import (
+    DEFAULT_MAX_WAIT,
+    UNAVAILABLE,
+    Decision,
+    _Bucket,
+    _Buckets,
+    _join,
+    _latest_pause,
+    _make_bucket,
+    _OneBucket,
+)
 from .checks import check_seconds, seconds_to_us
 from .errors import BackendUnavailable, ReservationRefused
 from .gcra import Mode
@@ -98,7 +108,7 @@ class _AsyncBuckets(_Buckets):
         return int(seconds) + int(micros) / 1e6, _latest_pause(markers)
 
 
-class AsyncTokenBucket(_AsyncBuckets):
+class AsyncTokenBucket(_OneBucket, _AsyncBuckets):
     """``TokenBucket`` for ``redis.asyncio`` clients; every method is a coroutine."""
 
     def __init__(
@@ -112,17 +122,6 @@ class AsyncTokenBucket(_AsyncBuckets):
     ) -> None:
         self.bucket = _make_bucket(key, rate, burst, prefix)
         super().__init__(redis, [self.bucket])
-
-    @property
-    def key(self) -> str | bytes:
-        return self.bucket.key
-
-    @property
-    def limit(self) -> Limit:
-        return self.bucket.limit
-
-    def __repr__(self) -> str:
-        return f"AsyncTokenBucket({self.bucket.name!r}, {self.limit})"
 
 
 class AsyncMultiBucket(_AsyncBuckets):

@@ -280,7 +280,25 @@ class _SyncBuckets(_Buckets):
         return int(seconds) + int(micros) / 1e6, _latest_pause(markers)
 
 
-class TokenBucket(_SyncBuckets):
+class _OneBucket:
+    """What a single bucket (sync or async) adds: its key and limit."""
+
+    bucket: _Bucket
+
+    @property
+    def key(self) -> str | bytes:
+        """The Redis key holding this bucket's state."""
+        return self.bucket.key
+
+    @property
+    def limit(self) -> Limit:
+        return self.bucket.limit
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.bucket.name!r}, {self.limit})"
+
+
+class TokenBucket(_OneBucket, _SyncBuckets):
     """A token bucket in Redis shared by every process that names the same key.
 
     ``rate`` is tokens per second (a number, or "10/s", "100/m", "5/h");
@@ -300,18 +318,6 @@ class TokenBucket(_SyncBuckets):
     ) -> None:
         self.bucket = _make_bucket(key, rate, burst, prefix)
         super().__init__(redis, [self.bucket], strategy)
-
-    @property
-    def key(self) -> str | bytes:
-        """The Redis key holding this bucket's state."""
-        return self.bucket.key
-
-    @property
-    def limit(self) -> Limit:
-        return self.bucket.limit
-
-    def __repr__(self) -> str:
-        return f"TokenBucket({self.bucket.name!r}, {self.limit})"
 
 
 class MultiBucket(_SyncBuckets):
