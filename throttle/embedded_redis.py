@@ -53,6 +53,14 @@ def _ping(port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 class RedisServer:
     """A redis-server child process on a loopback port; a context manager.
 
@@ -60,19 +68,29 @@ class RedisServer:
     real restart without persistence would.
     """
 
-    def __init__(self, port: int | None = None, binary: str | None = None, extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        extra_args: list[str] | None = None,
+        tls: tuple[str, str] | None = None,
+    ):
         if binary is None:
             self.binary, self.source = find_redis_server()
         else:
             self.binary, self.source = binary, "given"
         self.port = port or free_port()
         self.extra_args = list(extra_args or [])
+        # (certificate, key): serve TLS only, on ``port``; the certificate is
+        # its own CA (self-signed), clients are not asked for one.
+        self.tls = tls
         self._dir = tempfile.mkdtemp(prefix="throttle-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -95,6 +113,11 @@ class RedisServer:
             "--logfile", os.path.join(self._dir, "redis.log"),
             *self.extra_args,
         ]  # fmt: skip
+        if self.tls:
+            cert, key = self.tls
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert,
+                     "--tls-auth-clients", "no"]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -102,7 +125,7 @@ class RedisServer:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 log = self.log_tail()
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {err}{log}")
-            if _ping(self.port):
+            if (_listening if self.tls else _ping)(self.port):
                 return self
             time.sleep(0.02)
         self.stop()
