@@ -46,7 +46,7 @@ class Fleet:
     broker_url: str
     throttle_redis_url: str
     record_url: str
-    limits: Mapping[str, Any]
+    limits: Mapping[str, Any] = field(default_factory=dict)
     workers: int = 4
     concurrency: int = 2
     pool: str = "prefork"
@@ -54,6 +54,8 @@ class Fleet:
     queue: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:8]}")
     record_key: str = field(default_factory=lambda: f"fleet:{uuid.uuid4().hex[:8]}")
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: The Celery app the workers run: the test app, or the reference worker.
+    app_module: str = "tests.fleet_app"
     log_dir: Path | None = None
 
     @property
@@ -102,7 +104,7 @@ class Fleet:
         assert self.log_dir is not None
         log = open(self.log_dir / f"worker{index}.log", "ab")  # noqa: SIM115 - closed with the process
         args = [
-            sys.executable, "-m", "celery", "-A", "tests.fleet_app", "worker",
+            sys.executable, "-m", "celery", "-A", self.app_module, "worker",
             "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
             "-n", f"w{index}-{self.queue}@%h", "-l", "info",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -114,11 +116,16 @@ class Fleet:
         self.processes.append(proc)
         return proc
 
+    def ready_count(self) -> int:
+        if self.app_module == "worker.app":  # the reference worker counts itself in its stats
+            stats = redis.Redis.from_url(self.throttle_redis_url)
+            return int(stats.hget(f"throttle-{self.queue}:demo:stats", "workers_ready") or 0)
+        return int(redis.Redis.from_url(self.record_url).get(f"{self.record_key}:ready") or 0)
+
     def wait_ready(self, count: int, timeout: float = 60.0) -> None:
-        rec = redis.Redis.from_url(self.record_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if int(rec.get(f"{self.record_key}:ready") or 0) >= count:
+            if self.ready_count() >= count:
                 return
             dead = [p for p in self.processes if p.poll() is not None]
             if dead:

@@ -40,10 +40,14 @@ def recorder() -> redis.Redis:
 
 def record(task: Any, **extra: Any) -> None:
     req = task.request
+    # The recording Redis' clock, not this host's: hosts' clocks may be
+    # shifted on purpose (the clock-skew test).
+    seconds, micros = recorder().time()
     entry = {
         "id": req.id,
         "task": task.name,
-        "t": time.time(),
+        "t": seconds + micros / 1e6,
+        "local_t": time.time(),
         "retries": req.retries,
         "pid": os.getpid(),
         "deferrals": int(getattr(req, "throttle_deferrals", None) or 0),
@@ -114,4 +118,15 @@ def hit_429_once(self: ThrottledTask, n: int, retry_after: float) -> int:
 @app.task(bind=True, base=ThrottledTask, throttle="api", max_retries=0, name="fleet.no_retries")
 def no_retries(self: ThrottledTask, n: int) -> int:
     record(self, n=n)
+    return n
+
+
+@app.task(
+    bind=True, base=ThrottledTask, throttle="api", acks_late=True, reject_on_worker_lost=True, name="fleet.slow_work"
+)
+def slow_work(self: ThrottledTask, n: int, seconds: float) -> int:
+    """Records its start, works ``seconds``, records its end: a task to kill mid-way."""
+    record(self, n=n, phase="start")
+    time.sleep(seconds)
+    record(self, n=n, phase="end")
     return n

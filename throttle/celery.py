@@ -216,15 +216,19 @@ class ThrottledTask(Task):  # type: ignore[misc]
         bound = super().bind(app)
         # Resolve (and so check) the options when the app is finalized: a
         # worker with a bad limit fails at start, not at its first task.
-        if cls.throttle is not None:
-            cls._throttle_plan = _resolve(
-                cls.name or cls.__name__,
-                cls.throttle,
-                cls.throttle_burst,
-                cls.throttle_key,
-                cls.throttle_cost,
-                settings_for(app),
+        if cls.throttle is None:
+            raise ValueError(
+                f"task {cls.name!r} has base=ThrottledTask but no throttle option: name a limit, "
+                "e.g. @app.task(base=ThrottledTask, throttle='github')"
             )
+        cls._throttle_plan = _resolve(
+            cls.name or cls.__name__,
+            cls.throttle,
+            cls.throttle_burst,
+            cls.throttle_key,
+            cls.throttle_cost,
+            settings_for(app),
+        )
         return bound
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:

@@ -19,6 +19,9 @@ from .app import app
 
 _client: redis.Redis | None = None
 
+#: The counters outlive a demo run by a day, then go.
+STATS_TTL_S = 86400
+
 
 def stats_key() -> str:
     return f"{settings_for(app).prefix}:demo:stats"
@@ -36,6 +39,7 @@ def _bump(*fields: str) -> None:
         pipe = _redis().pipeline(transaction=False)
         for field in fields:
             pipe.hincrby(stats_key(), field, 1)
+        pipe.expire(stats_key(), STATS_TTL_S)  # no key lives forever
         pipe.execute()
     except redis.RedisError:
         pass  # counters are best effort; the gate itself reports Redis errors
