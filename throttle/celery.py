@@ -289,7 +289,7 @@ class _Gate:
         """Return to run the body; raise ``Ignore`` after re-sending the task."""
         try:
             if self.slot_us is not None:
-                self._arrive()
+                self._arrive(self.slot_us)
             else:
                 self._book("empty")
         except BackendUnavailable as exc:
@@ -306,7 +306,6 @@ class _Gate:
             signals.limit_paused.send(
                 sender=self.task, task_id=self.task.request.id, limits=self.names, seconds=exc.retry_after
             )
-            self.slot_us = None
             self._book("rate_limited")
         except BackendUnavailable as err:
             # Cannot pause the fleet; at least this task waits what it was told.
@@ -314,11 +313,10 @@ class _Gate:
 
     # Decisions ------------------------------------------------------------
 
-    def _arrive(self) -> None:
+    def _arrive(self, slot_us: int) -> None:
         """Back at a booked slot: run if it has come and no pause began since."""
-        assert self.slot_us is not None
         now, paused_until = self.buckets.slot_status()
-        slot = self.slot_us / 1e6
+        slot = slot_us / 1e6
         if paused_until > slot:
             # A 429 paused the limit after this slot was booked: the slot is
             # void (its token is forfeit: the limit errs on the safe side).
@@ -326,7 +324,7 @@ class _Gate:
             return
         wait = slot - now
         if wait > _SPIN_S:
-            self._defer(wait, "early", self.slot_us)
+            self._defer(wait, "early", slot_us)
         if -wait > self.plan.grace:
             # Missed its turn (a busy worker or a backlog in the broker held
             # it back): running now would bunch up with the tasks booked
