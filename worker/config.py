@@ -13,6 +13,7 @@
 | API_URL | http://127.0.0.1:8080 | the outbound API the example tasks call |
 | API_TIMEOUT | 10 | seconds per HTTP request |
 | RESULT_BACKEND | (none) | store results (the producer's `--wait` needs it) |
+| BROKER_VISIBILITY_TIMEOUT | (Celery's: 3600) | Redis broker: seconds before an unacked message is delivered again |
 | BUILTIN_RATE_LIMIT | (none) | Celery's own per-worker `rate_limit` for `worker.call_api_unthrottled`, for comparison |
 """
 
@@ -52,6 +53,8 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     }
     if env.get("THROTTLE_REDIS_URL"):
         config["throttle_redis_url"] = env["THROTTLE_REDIS_URL"]
+    if env.get("BROKER_VISIBILITY_TIMEOUT"):
+        config["broker_transport_options"] = {"visibility_timeout": float(env["BROKER_VISIBILITY_TIMEOUT"])}
     if env.get("RESULT_BACKEND"):
         config["result_backend"] = env["RESULT_BACKEND"]
         config["task_ignore_result"] = False
