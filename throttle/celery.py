@@ -60,6 +60,22 @@ _BACKEND_BACKOFF_S = (1.0, 30.0)
 _PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5.0}
 
 
+def _sleep_briefly(seconds: float) -> bool:
+    """Wait out a slot a few milliseconds away; False if this host cannot.
+
+    Some environments refuse a short sleep (seen under libfaketime: EINVAL);
+    the caller then defers the task to its slot instead of failing it.
+    """
+    if seconds <= 0:
+        return True
+    try:
+        time.sleep(seconds)
+    except OSError:
+        logger.warning("could not sleep %.4fs on this host; deferring instead", seconds)
+        return False
+    return True
+
+
 class ThrottleDeferralExpired(ThrottleError):
     """A task would wait longer than ``throttle_max_defer`` in total; it fails."""
 
@@ -332,8 +348,8 @@ class _Gate:
             # errs on the safe side.
             self._book("late")
             return
-        if wait > 0:
-            time.sleep(wait)
+        if not _sleep_briefly(wait):
+            self._defer(wait, "early", slot_us)
         self._admitted("booked")
 
     def _book(self, reason: str) -> None:
@@ -345,12 +361,10 @@ class _Gate:
                 f"{decision.retry_after:.1f}s away, beyond throttle_max_defer={self.settings.max_defer:g}s"
             )
         wait = decision.retry_after
-        if wait <= _SPIN_S:
-            if wait > 0:
-                time.sleep(wait)
+        slot_us = round((decision.server_time + wait) * 1_000_000)
+        if wait <= _SPIN_S and _sleep_briefly(wait):
             self._admitted("now")
             return
-        slot_us = round((decision.server_time + wait) * 1_000_000)
         self._defer(wait, reason, slot_us)
 
     def _budget_left(self) -> float:
