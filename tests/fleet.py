@@ -116,6 +116,18 @@ class Fleet:
         self.processes.append(proc)
         return proc
 
+    def revive(self) -> int:
+        """Start again every worker that has exited, as a supervisor would
+        (compose's ``restart: unless-stopped``, systemd's ``Restart=always``);
+        how many were started."""
+        revived = 0
+        for index, proc in enumerate(list(self.processes)):
+            if proc.poll() is not None:
+                self.processes.remove(proc)
+                self.start_worker(index)
+                revived += 1
+        return revived
+
     def ready_count(self) -> int:
         if self.app_module == "worker.app":  # the reference worker counts itself in its stats
             stats = redis.Redis.from_url(self.throttle_redis_url)

@@ -168,3 +168,15 @@ def test_worker_refuses_to_start_with_a_bad_limit() -> None:
     )
     assert result.returncode != 0
     assert "throttle_limits['api']: rate '10/x' has unknown unit 'x'" in result.stderr + result.stdout
+
+
+def test_reference_worker_visibility_timeout() -> None:
+    """BROKER_VISIBILITY_TIMEOUT also makes kombu sweep for abandoned messages
+    often enough for that timeout to matter (its default sweep: every 100 s)."""
+    from worker.config import celery_config
+
+    options = celery_config({"BROKER_VISIBILITY_TIMEOUT": "10"})["broker_transport_options"]
+    assert options == {"visibility_timeout": 10.0, "unacked_restore_interval": 2, "unacked_restore_throttle": 1}
+    for bad in ("0", "-5", "nan", "inf", "ten"):
+        with pytest.raises(ValueError, match="BROKER_VISIBILITY_TIMEOUT"):
+            celery_config({"BROKER_VISIBILITY_TIMEOUT": bad})

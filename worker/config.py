@@ -54,7 +54,21 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     if env.get("THROTTLE_REDIS_URL"):
         config["throttle_redis_url"] = env["THROTTLE_REDIS_URL"]
     if env.get("BROKER_VISIBILITY_TIMEOUT"):
-        config["broker_transport_options"] = {"visibility_timeout": float(env["BROKER_VISIBILITY_TIMEOUT"])}
+        raw = env["BROKER_VISIBILITY_TIMEOUT"]
+        try:
+            timeout = float(raw)
+        except ValueError:
+            timeout = float("nan")
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"BROKER_VISIBILITY_TIMEOUT must be a number of seconds > 0, not {raw!r}")
+        config["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            # kombu sweeps for abandoned (unacked) messages every
+            # interval x throttle seconds, 10 x 10 = 100 s by default: far
+            # longer than a short visibility timeout.  Sweep every timeout/5.
+            "unacked_restore_interval": max(1, round(timeout / 5)),
+            "unacked_restore_throttle": 1,
+        }
     if env.get("RESULT_BACKEND"):
         config["result_backend"] = env["RESULT_BACKEND"]
         config["task_ignore_result"] = False
