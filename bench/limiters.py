@@ -18,8 +18,9 @@ Decide = Callable[[int], tuple[bool, float | None]]
 def throttle_bucket(url: str, key: str, rate: float | str, burst: int, strategy: str = "script") -> Decide:
     """throttle's TokenBucket with the chosen engine."""
     from throttle import TokenBucket
+    from throttle.connect import client_from_url
 
-    bucket = TokenBucket(redis.Redis.from_url(url), key, rate=rate, burst=burst, strategy=strategy)  # type: ignore[arg-type]
+    bucket = TokenBucket(client_from_url(url), key, rate=rate, burst=burst, strategy=strategy)  # type: ignore[arg-type]
 
     def decide(cost: int) -> tuple[bool, float | None]:
         d = bucket.consume(cost)

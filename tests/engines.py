@@ -15,6 +15,7 @@ import redis
 import redis.asyncio
 
 from throttle import AsyncMultiBucket, AsyncTokenBucket, Decision, MultiBucket, TokenBucket
+from throttle.checks import full_key
 
 ENGINES = ("script", "transaction", "async")
 
@@ -38,6 +39,8 @@ class _AsyncAdapter:
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._bucket, name)
+        if not callable(method):  # key, limit, keys: plain attributes
+            return method
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return self._loop.run_until_complete(method(*args, **kwargs))
@@ -64,6 +67,10 @@ class Engine:
             return _AsyncAdapter(self._loop, ab)
         strategy: Literal["script", "transaction"] = "transaction" if self.name == "transaction" else "script"
         return TokenBucket(self.sync_client, key, rate=rate, burst=burst, prefix=self.prefix, strategy=strategy)
+
+    def key(self, name: str | bytes) -> str | bytes:
+        """The Redis key of the bucket called ``name``."""
+        return full_key(self.prefix, name)
 
     def multi(self, buckets: Sequence[Bucket]) -> Bucket:
         if self._loop is not None:

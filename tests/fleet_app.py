@@ -105,6 +105,13 @@ def tenant_work(self: ThrottledTask, n: int, tenant: str) -> int:
     return n
 
 
+@app.task(bind=True, base=ThrottledTask, throttle=["api", "tenant"], throttle_key=_tenant, name="fleet.both_work")
+def both_work(self: ThrottledTask, n: int, tenant: str) -> int:
+    """Two limits at once: the fleet's and the tenant's (give "api" per_key=False)."""
+    record(self, n=n, tenant=tenant)
+    return n
+
+
 @app.task(bind=True, base=ThrottledTask, throttle="api", name="fleet.hit_429_once")
 def hit_429_once(self: ThrottledTask, n: int, retry_after: float) -> int:
     """Raises RateLimited the first time it runs (fleet-wide), then succeeds."""

@@ -83,21 +83,21 @@ def test_reset_refills(engine: Engine) -> None:
 def test_ttl_is_time_to_full(engine: Engine) -> None:
     bucket = engine.bucket("ttl", rate="10/s", burst=5)
     bucket.consume(3)
-    pttl = engine.sync_client.pttl(f"{engine.prefix}:ttl")
+    pttl = engine.sync_client.pttl(engine.key("ttl"))
     assert 300 - SLACK * 1000 <= pttl <= 300
     # Refused decisions write nothing (and so never extend the TTL).
     bucket2 = engine.bucket("ttl2", rate="1/h", burst=1)
     bucket2.consume()
-    before = engine.sync_client.pttl(f"{engine.prefix}:ttl2")
+    before = engine.sync_client.pttl(engine.key("ttl2"))
     bucket2.consume()
-    assert engine.sync_client.pttl(f"{engine.prefix}:ttl2") <= before
+    assert engine.sync_client.pttl(engine.key("ttl2")) <= before
 
 
 def test_idle_bucket_expires(engine: Engine) -> None:
     bucket = engine.bucket("idle", rate=1000, burst=1)
     d = bucket.consume()
     assert d.allowed and d.reset_after <= 0.001
-    key = f"{engine.prefix}:idle"
+    key = engine.key("idle")
     deadline = bucket.server_time() + 1.0
     while engine.sync_client.exists(key) and bucket.server_time() < deadline:
         pass
@@ -294,7 +294,7 @@ def test_stopped_redis_raises_then_recovers(restartable_redis: RedisServer) -> N
 def test_corrupted_value_recovers_safely(engine: Engine, garbage: bytes) -> None:
     """A value throttle did not write is treated as an empty bucket and repaired."""
     bucket = engine.bucket("corrupt", rate="100/s", burst=5)
-    key = f"{engine.prefix}:corrupt"
+    key = engine.key("corrupt")
     engine.sync_client.set(key, garbage)
     d = bucket.consume()
     if garbage == b"-inf":
@@ -309,9 +309,9 @@ def test_corrupted_value_recovers_safely(engine: Engine, garbage: bytes) -> None
 
 def test_wrong_type_value_recovers(engine: Engine) -> None:
     """The seed kept a hash at the key; a leftover one must not crash-loop us."""
-    key = f"{engine.prefix}:seedhash"
-    engine.sync_client.hset(key, mapping={"tokens": 5, "last_refill": 0})
     bucket = engine.bucket("seedhash", rate="100/s", burst=5)
+    key = engine.key("seedhash")
+    engine.sync_client.hset(key, mapping={"tokens": 5, "last_refill": 0})
     d = bucket.consume()
     assert d.recovered and not d.allowed
     assert engine.sync_client.type(key) == b"string"

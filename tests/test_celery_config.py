@@ -60,7 +60,7 @@ def test_bad_limits_name_the_setting(limits: Any, words: str) -> None:
         ({"throttle_max_defer": float("nan")}, "throttle_max_defer must be a number"),
         ({"throttle_max_countdown": 0}, "throttle_max_countdown must be > 0"),
         ({"throttle_prefix": 5}, "throttle_prefix must be a str"),
-        ({"throttle_redis_url": "http://x"}, "throttle_redis_url must be a redis://"),
+        ({"throttle_redis_url": "http://x"}, "throttle_redis_url must start with one of redis://"),
         ({"throttle_redis_options": "fast"}, "throttle_redis_options must be a dict"),
     ],
 )

@@ -11,14 +11,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .bucket import (
     DEFAULT_MAX_WAIT,
+    STATUS_SCRIPT,
     UNAVAILABLE,
     Decision,
     _Bucket,
     _Buckets,
+    _combine,
     _join,
     _latest_pause,
     _make_bucket,
     _OneBucket,
+    _slot_groups,
+    is_cluster,
 )
 from .checks import check_seconds, seconds_to_us
 from .errors import BackendUnavailable, ReservationRefused
@@ -44,6 +48,9 @@ class _AsyncBuckets(_Buckets):
         self._redis = client
         self._setup(buckets)
         self._script = client.register_script(gcra_source())
+        self._status_script = client.register_script(STATUS_SCRIPT) if is_cluster(client) else None
+        groups = _slot_groups(client, buckets)
+        self._parts = [_AsyncBuckets(client, group) for group in groups] if len(groups) > 1 else []
 
     @property
     def redis(self) -> AsyncRedis:
@@ -56,10 +63,24 @@ class _AsyncBuckets(_Buckets):
             raise BackendUnavailable(self._label, exc) from exc
 
     async def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
+        if self._parts:
+            return await self._run_split(mode, cost, limit_us)
         args = self._args(mode, cost, limit_us)
         keys = self._keys + self._pause_keys if mode is Mode.PAUSE else self._keys
         reply: Any = await self._guard(lambda: self._script(keys=keys, args=args))
         return self._decision(reply)
+
+    async def _run_split(self, mode: Mode, cost: int, limit_us: int) -> Decision:
+        """Slot by slot, refunding earlier slots on a refusal; see ``MultiBucket``."""
+        decisions: list[Decision] = []
+        for index, part in enumerate(self._parts):
+            decision = await part._run(mode, cost, limit_us)
+            decisions.append(decision)
+            if not decision.allowed and mode in (Mode.CONSUME, Mode.RESERVE):
+                for earlier in self._parts[:index]:
+                    await earlier._run(Mode.REFUND, cost)
+                break
+        return _combine(decisions)
 
     async def consume(self, cost: int = 1) -> Decision:
         """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
@@ -98,7 +119,14 @@ class _AsyncBuckets(_Buckets):
     async def slot_status(self) -> tuple[float, float]:
         """(Redis time, end of the latest pause or 0.0); see ``TokenBucket.slot_status``."""
 
+        if self._parts:
+            statuses = [await part.slot_status() for part in self._parts]
+            return min(now for now, _ in statuses), max(paused for _, paused in statuses)
+
         async def ask() -> list[Any]:
+            if self._status_script is not None:
+                result: list[Any] = await self._status_script(keys=self._pause_keys)
+                return result
             pipe = self._redis.pipeline(transaction=False)
             pipe.time()
             pipe.mget(self._pause_keys)

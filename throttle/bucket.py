@@ -115,6 +115,57 @@ def _latest_pause(markers: Sequence[Any]) -> float:
     return max(ends) / 1e6 if ends else 0.0
 
 
+#: One round trip on the node that holds the keys: its clock and the pause
+#: markers.  Used on Redis Cluster, where a keyless TIME in a pipeline would go
+#: to any node.
+STATUS_SCRIPT = "return {redis.call('TIME'), redis.call('MGET', unpack(KEYS))}"
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` is a redis-py Redis Cluster client (sync or asyncio)."""
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def _slot_groups(client: object, buckets: Sequence[_Bucket]) -> list[list[_Bucket]]:
+    """The buckets grouped by Redis Cluster slot, in order; one group elsewhere."""
+    if not is_cluster(client):
+        return [list(buckets)]
+    from redis.crc import key_slot
+
+    groups: dict[int, list[_Bucket]] = {}
+    for bucket in buckets:
+        key = bucket.key.encode() if isinstance(bucket.key, str) else bucket.key
+        groups.setdefault(key_slot(key), []).append(bucket)
+    return list(groups.values())
+
+
+def _combine(decisions: Sequence[Decision]) -> Decision:
+    """One decision from those of several slots (see ``_SyncBuckets._run_split``).
+
+    Refused: the longest refusal speaks.  Granted: the latest slot of all,
+    measured from the latest clock (shards' clocks are assumed NTP-synced).
+    """
+    now = max(d.server_time for d in decisions)
+    refused = [d for d in decisions if not d.allowed]
+    if refused:
+        worst = max(refused, key=lambda d: d.retry_after)
+        wait, refused_by = worst.retry_after, worst.refused_by
+    else:
+        wait, refused_by = max(0.0, max(d.server_time + d.retry_after for d in decisions) - now), None
+    return Decision(
+        allowed=not refused,
+        remaining=min(d.remaining for d in decisions),
+        retry_after=wait,
+        reset_after=max(d.reset_after for d in decisions),
+        refused_by=refused_by,
+        server_time=now,
+        recovered=any(d.recovered for d in decisions),
+    )
+
+
 class _Buckets:
     """What sync and async buckets share: the buckets, argument checks, replies."""
 
@@ -183,6 +234,12 @@ class _SyncBuckets(_Buckets):
         self._setup(buckets)
         self.strategy: Strategy = strategy
         self._script = client.register_script(gcra_source())
+        self._cluster = is_cluster(client)
+        self._status_script = client.register_script(STATUS_SCRIPT) if self._cluster else None
+        # On Redis Cluster, buckets in different slots cannot share a script
+        # call: each slot's buckets are decided in turn (see _run_split).
+        groups = _slot_groups(client, buckets)
+        self._parts = [_SyncBuckets(client, group, strategy) for group in groups] if len(groups) > 1 else []
 
     @property
     def redis(self) -> SyncRedis:
@@ -203,6 +260,8 @@ class _SyncBuckets(_Buckets):
             return self._script(keys=keys, args=args)
 
     def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
+        if self._parts:
+            return self._run_split(mode, cost, limit_us)
         if self.strategy == "transaction":
             client = cast(redis.Redis, self._redis)  # checked in __init__
             outcome = self._guard(
@@ -216,6 +275,24 @@ class _SyncBuckets(_Buckets):
         except UNAVAILABLE as exc:
             raise BackendUnavailable(self._label, exc) from exc
         return self._decision(reply)
+
+    def _run_split(self, mode: Mode, cost: int, limit_us: int) -> Decision:
+        """Decide slot by slot: each slot's buckets atomically, in order.
+
+        A refusal in a later slot gives the tokens taken in the earlier ones
+        back (``Mode.REFUND``).  Between the two, those tokens were briefly
+        unavailable to others: the limit can only err on the safe side.  If
+        Redis fails half-way, what was taken stays taken, for the same reason.
+        """
+        decisions: list[Decision] = []
+        for index, part in enumerate(self._parts):
+            decision = part._run(mode, cost, limit_us)
+            decisions.append(decision)
+            if not decision.allowed and mode in (Mode.CONSUME, Mode.RESERVE):
+                for earlier in self._parts[:index]:
+                    earlier._run(Mode.REFUND, cost)
+                break
+        return _combine(decisions)
 
     def consume(self, cost: int = 1) -> Decision:
         """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
@@ -270,7 +347,13 @@ class _SyncBuckets(_Buckets):
         come: run if the time has come and no pause began after the booking.
         """
 
+        if self._parts:
+            statuses = [part.slot_status() for part in self._parts]
+            return min(now for now, _ in statuses), max(paused for _, paused in statuses)
+
         def ask() -> list[Any]:
+            if self._status_script is not None:
+                return cast(list[Any], self._status_script(keys=self._pause_keys))
             pipe = self._redis.pipeline(transaction=False)
             pipe.time()
             pipe.mget(self._pause_keys)
@@ -324,8 +407,10 @@ class MultiBucket(_SyncBuckets):
     """Several buckets decided together: granted only if every one can grant.
 
     ``Decision.refused_by`` names the bucket with the longest wait.  On Redis
-    Cluster the buckets' keys must share a hash tag (``{tag}``) to be decided
-    in one script.
+    Cluster, buckets whose keys share a hash tag (``{acme}:api``,
+    ``{acme}:mail``) are decided in one script call; buckets in different
+    slots are decided slot by slot, and tokens taken in one slot are given
+    back if a later slot refuses.
     """
 
     def __init__(self, buckets: Sequence[TokenBucket]) -> None:

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import redis
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
@@ -36,6 +35,7 @@ from . import signals
 from .bucket import MultiBucket, TokenBucket
 from .celery_settings import NamedLimit, ThrottleSettings, check_limit_name, settings_for
 from .checks import check_cost
+from .connect import client_from_url
 from .errors import BackendUnavailable, RateLimited, ThrottleError
 from .limit import Limit
 
@@ -158,7 +158,7 @@ class _Runtime:
 
     def __init__(self, settings: ThrottleSettings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, **settings.redis_options)
+        self.redis = client_from_url(settings.redis_url, **settings.redis_options)
         self._buckets: dict[tuple[str, ...], TokenBucket | MultiBucket] = {}
         self._lock = threading.Lock()
 

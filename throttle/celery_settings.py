@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import Celery
 
+from .connect import SCHEMES, redact
 from .limit import Limit
 
 __all__ = ["NamedLimit", "ThrottleSettings", "settings_for", "ON_BACKEND_ERROR"]
@@ -120,15 +121,8 @@ def _redis_url(conf: Any) -> str:
         raise ValueError(
             "throttle_redis_url is not set and the broker is not Redis: set throttle_redis_url = 'redis://host:6379/0'"
         )
-    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"throttle_redis_url must be a redis://, rediss:// or unix:// URL, got {_redact(url)!r}")
-    return url
-
-
-def _redact(url: object) -> object:
-    """Hide a password in a URL before it goes into an error message."""
-    if isinstance(url, str):
-        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    if not isinstance(url, str) or not url.startswith(SCHEMES):
+        raise ValueError(f"throttle_redis_url must start with one of {', '.join(SCHEMES)}; got {redact(url)!r}")
     return url
 
 

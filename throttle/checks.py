@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_key", "check_cost", "check_seconds", "full_key", "MAX_WAIT_SECONDS"]
+__all__ = ["check_key", "check_cost", "check_seconds", "full_key", "has_hash_tag", "MAX_WAIT_SECONDS"]
 
 #: Longest reservation or pause the bucket accepts (mirrors SANE_DEBT_US).
 MAX_WAIT_SECONDS = 86400.0
@@ -30,13 +30,29 @@ def check_prefix(value: object) -> str:
     return value
 
 
+def has_hash_tag(key: str | bytes) -> bool:
+    """Whether Redis Cluster would hash ``key`` by a ``{tag}`` inside it."""
+    raw = key.encode() if isinstance(key, str) else key
+    start = raw.find(b"{")
+    return start >= 0 and raw.find(b"}", start + 2) > start
+
+
 def full_key(prefix: str, name: str | bytes) -> str | bytes:
-    """``<prefix>:<name>``; bytes names stay bytes so non-UTF-8 keys survive."""
+    """``<prefix>:{<name>}``, the Redis key of bucket ``name``.
+
+    The braces are a Redis Cluster hash tag: a bucket's key and its pause
+    marker (``<key>:paused``) land in one slot, and different names spread
+    over the shards.  A name that has a tag already keeps it, so buckets meant
+    to be decided together can share one (``{acme}:api``, ``{acme}:mail``).
+    An empty prefix uses the name exactly as given.  Bytes names stay bytes
+    so that non-UTF-8 keys survive.
+    """
     if not prefix:
         return name
     if isinstance(name, bytes):
-        return prefix.encode() + b":" + name
-    return f"{prefix}:{name}"
+        tagged = name if has_hash_tag(name) else b"{" + name + b"}"
+        return prefix.encode() + b":" + tagged
+    return f"{prefix}:{name}" if has_hash_tag(name) else f"{prefix}:{{{name}}}"
 
 
 def check_cost(value: object, burst: int, name: str = "cost") -> int:

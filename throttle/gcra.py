@@ -29,6 +29,7 @@ class Mode(IntEnum):
     CONSUME = 1
     RESERVE = 2
     PAUSE = 3
+    REFUND = 4  # give back tokens taken by a multi-slot decision refused later
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ def decide(
         if mode is Mode.PAUSE:
             new_tat = max(tat, now + limit_us + tau - interval)
             bucket_wait = new_tat - tau + interval - now
+        elif mode is Mode.REFUND:
+            new_tat = max(now, tat - cost * interval)
+            bucket_wait = 0
         else:
             new_tat = tat + cost * interval
             bucket_wait = new_tat - tau - now
@@ -108,7 +112,7 @@ def decide(
         new_tats.append(new_tat)
         if mode is Mode.RESERVE:
             ok = bucket_wait <= limit_us
-        elif mode is Mode.PAUSE:
+        elif mode in (Mode.PAUSE, Mode.REFUND):
             ok = True
         else:
             ok = bucket_wait == 0

@@ -8,7 +8,7 @@
 --
 -- KEYS[i]          bucket i, i = 1..n (all keys share a hash tag on Redis Cluster)
 -- KEYS[n+i]        pause mode only: bucket i's pause marker (optional)
--- ARGV[1]          mode: 0 peek, 1 consume, 2 reserve, 3 pause
+-- ARGV[1]          mode: 0 peek, 1 consume, 2 reserve, 3 pause, 4 refund
 -- ARGV[2]          cost in tokens (the same for every bucket)
 -- ARGV[3]          reserve: max_wait in us; pause: pause length in us
 -- ARGV[2+2i]       interval_us of bucket i (1e6 / rate, rounded up)
@@ -82,6 +82,16 @@ for i = 1, n do
       new_tat = tat
     end
     bucket_wait = new_tat - tau + interval - now
+    ok = true
+  elseif mode == 4 then
+    -- Refund: give back `cost` tokens this caller took a moment ago, when a
+    -- decision spanning several Redis Cluster slots was refused in a later
+    -- slot.  Never more than a full bucket.
+    new_tat = tat - cost * interval
+    if new_tat < now then
+      new_tat = now
+    end
+    bucket_wait = 0
     ok = true
   else
     new_tat = tat + cost * interval

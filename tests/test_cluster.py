@@ -1,0 +1,201 @@
+"""Redis Cluster: a real 3-master cluster on loopback ports, started here.
+
+The buckets, multi-limit decisions (in one slot and across slots),
+reservations, pauses, the asyncio client and a Celery fleet all run against
+it unchanged; the keys spread over the shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+
+import pytest
+import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+
+from bench.hammer import hammer
+from bench.limiters import throttle_bucket
+from tests.fleet import SYSTEM_REDIS_BROKER, Fleet, broker_available
+from tests.test_celery_fleet import max_in_window
+from throttle import AsyncMultiBucket, AsyncTokenBucket, MultiBucket, TokenBucket
+from throttle.connect import client_from_url
+from throttle.embedded_cluster import EmbeddedCluster
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EmbeddedCluster]:
+    made = EmbeddedCluster(masters=3)
+    try:
+        made.start()
+    except RuntimeError as exc:
+        if "cluster" in str(exc).lower() and "support" in str(exc).lower():
+            pytest.skip(f"redis-server has no cluster support: {exc}")
+        raise
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def rc(cluster: EmbeddedCluster) -> Iterator[RedisCluster]:
+    client = client_from_url(cluster.url)
+    assert isinstance(client, RedisCluster)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def test_url_makes_a_cluster_client(cluster: EmbeddedCluster) -> None:
+    nodes = ",".join(f"127.0.0.1:{port}" for _, port in cluster.startup_nodes)
+    client = client_from_url(f"redis+cluster://{nodes}")
+    assert isinstance(client, RedisCluster)
+    assert len(client.get_primaries()) == 3  # type: ignore[no-untyped-call]
+    with pytest.raises(ValueError, match="only database 0"):
+        client_from_url(f"redis+cluster://{nodes}/3")
+    with pytest.raises(ValueError, match="host:port"):
+        client_from_url("redis+cluster://127.0.0.1")
+
+
+def test_bucket_on_a_cluster(rc: RedisCluster, tag: str) -> None:
+    bucket = TokenBucket(rc, f"api-{tag}", rate="10/s", burst=3)
+    assert [bucket.consume().allowed for _ in range(4)] == [True, True, True, False]
+    assert 0.05 < bucket.peek().retry_after <= 0.1
+    seconds = bucket.reserve(max_wait=5)
+    assert 0.05 < seconds <= 0.2
+    paused = bucket.pause(1.0)
+    now, paused_until = bucket.slot_status()
+    assert paused_until == pytest.approx(paused.server_time + 1.0, abs=0.001)
+    assert now >= paused.server_time
+    bucket.reset()
+    assert bucket.consume().allowed
+    assert rc.pttl(bucket.key) > 0
+
+
+def test_keys_spread_over_the_shards(cluster: EmbeddedCluster, rc: RedisCluster, tag: str) -> None:
+    """3,000 tenants' buckets: each shard holds a third, within +-10 %."""
+    tenants = 3000
+    for i in range(tenants):
+        TokenBucket(rc, f"tenant-{tag}:{i}", rate="1/m", burst=1).consume()
+    per_shard = []
+    for server in cluster.servers:
+        node = redis.Redis(port=server.port)
+        per_shard.append(sum(1 for _ in node.scan_iter(match=f"throttle:{{tenant-{tag}:*", count=1000)))
+        node.close()
+    assert sum(per_shard) == tenants
+    assert all(abs(n - tenants / 3) <= 0.1 * tenants / 3 for n in per_shard), per_shard
+
+
+def test_multi_bucket_with_a_shared_tag_is_one_call(rc: RedisCluster, tag: str) -> None:
+    api = TokenBucket(rc, f"{{{tag}}}:api", rate="10/s", burst=2)
+    mail = TokenBucket(rc, f"{{{tag}}}:mail", rate="10/s", burst=1)
+    both = MultiBucket([api, mail])
+    assert both._parts == []  # one slot: one script call
+    assert both.consume().allowed
+    refused = both.consume()
+    assert not refused.allowed and refused.refused_by == f"{{{tag}}}:mail"
+    assert api.peek().remaining == 1  # all-or-nothing: api kept its token
+
+
+def test_multi_bucket_across_slots_is_all_or_nothing(rc: RedisCluster, tag: str) -> None:
+    """Buckets on different shards: decided slot by slot; a refusal in a later
+    slot gives back what an earlier slot took."""
+    fleet = TokenBucket(rc, f"fleet-{tag}", rate="10/s", burst=5)
+    tenant = TokenBucket(rc, f"tenant-{tag}", rate="1/m", burst=1)
+    both = MultiBucket([fleet, tenant])
+    assert len(both._parts) == 2
+    assert both.consume().allowed
+    assert fleet.peek().remaining == 4
+    refused = both.consume()
+    assert not refused.allowed and refused.refused_by == f"tenant-{tag}"
+    assert 55 < refused.retry_after <= 60
+    assert fleet.peek().remaining == 4, "the fleet's token was given back"
+    # Reservations too: refused beyond max_wait, nothing stays booked.
+    assert not both.book(max_wait=1).allowed
+    assert fleet.peek().remaining == 4
+    booked = both.book(max_wait=120)
+    assert booked.allowed and 55 < booked.retry_after <= 60
+    # A pause covers every slot.
+    both.pause(2.0)
+    now, paused_until = both.slot_status()
+    assert paused_until == pytest.approx(now + 2.0, abs=0.05)
+
+
+def test_many_processes_across_slots_never_over_admit(rc: RedisCluster, tag: str) -> None:
+    """Refunds keep every bucket within its limit under contention."""
+    fleet = TokenBucket(rc, f"fleet-{tag}", rate="1/m", burst=20)
+    tenants = [TokenBucket(rc, f"t{i}-{tag}", rate="1/m", burst=8) for i in range(4)]
+    multis = [MultiBucket([fleet, t]) for t in tenants]
+    granted: Counter[int] = Counter()
+    for _ in range(20):
+        for i, multi in enumerate(multis):
+            granted[i] += multi.consume().allowed
+    assert sum(granted.values()) == 20  # the fleet's burst
+    assert all(n <= 8 for n in granted.values())
+    assert fleet.peek().remaining == 0
+
+
+def test_asyncio_cluster_client(cluster: EmbeddedCluster, tag: str) -> None:
+    async def run() -> tuple[list[bool], bool, bool]:
+        client = AsyncRedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+        try:
+            one = AsyncTokenBucket(client, f"a-{tag}", rate="10/s", burst=2)
+            other = AsyncTokenBucket(client, f"b-{tag}", rate="1/m", burst=1)
+            grants = [(await one.consume()).allowed for _ in range(3)]
+            both = AsyncMultiBucket([one, other])
+            await one.reset()
+            first = (await both.consume()).allowed
+            second = (await both.consume()).allowed
+            remaining = (await one.peek()).remaining
+            assert remaining == 1  # refunded after the second refusal
+            return grants, first, second
+        finally:
+            await client.aclose()
+
+    grants, first, second = asyncio.run(run())
+    assert grants == [True, True, False]
+    assert first and not second
+
+
+@pytest.mark.slow
+def test_fidelity_on_a_cluster(cluster: EmbeddedCluster, tag: str) -> None:
+    """Eight processes on one key of the cluster: within one token above, 3 % below."""
+    rate, burst = 200, 20
+    result = hammer(partial(throttle_bucket, cluster.url, f"fid-{tag}", rate, burst), processes=8, duration=5.0)
+    assert result.errors == 0
+    ideal = result.ideal(rate, burst)
+    assert ideal * 0.97 <= result.tokens <= ideal + 1
+
+
+@pytest.mark.slow
+@pytest.mark.fleet
+def test_fleet_on_a_cluster(cluster: EmbeddedCluster, redis_url: str) -> None:
+    """Celery workers with throttle_redis_url = redis+cluster://: two limits per
+    task (the fleet's and the tenant's, on different shards) both hold."""
+    if not broker_available(SYSTEM_REDIS_BROKER):
+        pytest.skip("no Redis broker on 127.0.0.1:6379")
+    limits = {"api": {"rate": "20/s", "burst": 5, "per_key": False}, "tenant": {"rate": "10/s", "burst": 1}}
+    fleet = Fleet(SYSTEM_REDIS_BROKER, cluster.url, redis_url, limits=limits, workers=2)
+    try:
+        fleet.start()
+        calls = [(i, f"tenant{i % 3}") for i in range(90)]
+        ids = fleet.send("fleet.both_work", calls)
+        records = fleet.wait_for_records(len(ids), timeout=120)
+    finally:
+        fleet.stop()
+        fleet.purge()
+    ran = Counter(r["id"] for r in records)
+    assert set(ran) == set(ids) and max(ran.values()) == 1
+    assert max_in_window([r["t"] for r in records]) <= 20 + 5
+    for tenant in ("tenant0", "tenant1", "tenant2"):
+        assert max_in_window([r["t"] for r in records if r["tenant"] == tenant]) <= 10 + 1
+    assert fleet.counts("failed") == {}
