@@ -199,3 +199,18 @@ def test_fleet_on_a_cluster(cluster: EmbeddedCluster, redis_url: str) -> None:
     for tenant in ("tenant0", "tenant1", "tenant2"):
         assert max_in_window([r["t"] for r in records if r["tenant"] == tenant]) <= 10 + 1
     assert fleet.counts("failed") == {}
+
+
+def test_batch_on_a_cluster(rc: RedisCluster, tag: str) -> None:
+    """consume_many groups the decisions by slot: one script call per slot, in
+    one cluster pipeline; a MultiBucket across slots is decided on its own."""
+    from throttle import consume_many
+
+    tenants = [TokenBucket(rc, f"b-{tag}:{i}", rate="1/m", burst=1) for i in range(200)]
+    shared = [TokenBucket(rc, f"{{{tag}}}:s{i}", rate="1/m", burst=1) for i in range(50)]
+    across = MultiBucket([TokenBucket(rc, f"x-{tag}", rate="1/m", burst=1), tenants[0]])
+    decisions = consume_many([*tenants, *shared, across])
+    assert all(d.allowed for d in decisions[:-1])
+    assert not decisions[-1].allowed and decisions[-1].refused_by == f"b-{tag}:0"
+    assert TokenBucket(rc, f"x-{tag}", rate="1/m", burst=1).peek().allowed, "refunded"
+    assert not any(d.allowed for d in consume_many([*tenants, *shared]))

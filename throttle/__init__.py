@@ -9,6 +9,7 @@ True
 from __future__ import annotations
 
 from .aio import AsyncMultiBucket, AsyncTokenBucket
+from .batch import book_many, book_many_async, consume_many, consume_many_async, peek_many, peek_many_async
 from .bucket import Decision, MultiBucket, RedisTokenBucket, TokenBucket
 from .errors import BackendUnavailable, Contention, RateLimited, ReservationRefused, ThrottleError
 from .limit import Limit, parse_rate
@@ -26,7 +27,13 @@ __all__ = [
     "ReservationRefused",
     "ThrottleError",
     "TokenBucket",
+    "book_many",
+    "book_many_async",
+    "consume_many",
+    "consume_many_async",
     "parse_rate",
+    "peek_many",
+    "peek_many_async",
 ]
 
 __version__ = "0.1.0"

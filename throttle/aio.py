@@ -51,6 +51,8 @@ class _AsyncBuckets(_Buckets):
         self._status_script = client.register_script(STATUS_SCRIPT) if is_cluster(client) else None
         groups = _slot_groups(client, buckets)
         self._parts = [_AsyncBuckets(client, group) for group in groups] if len(groups) > 1 else []
+        # Batches on an asyncio cluster client go one decision at a time.
+        self._batch_slot = None if self._parts or self._status_script is not None else 0
 
     @property
     def redis(self) -> AsyncRedis:

@@ -142,6 +142,15 @@ def _slot_groups(client: object, buckets: Sequence[_Bucket]) -> list[list[_Bucke
     return list(groups.values())
 
 
+def _batch_slot(client: object, keys: Sequence[str | bytes]) -> int:
+    """Which batch call a decision on ``keys`` can join: its cluster slot, or 0."""
+    if not is_cluster(client):
+        return 0
+    from redis.crc import key_slot
+
+    return key_slot(keys[0].encode() if isinstance(keys[0], str) else keys[0])
+
+
 def _combine(decisions: Sequence[Decision]) -> Decision:
     """One decision from those of several slots (see ``_SyncBuckets._run_split``).
 
@@ -179,6 +188,8 @@ class _Buckets:
         self._pause_keys = [_pause_key(k) for k in self._keys]
         self._limits = [b.limit for b in self._buckets]
         self._min_burst = min(b.limit.burst for b in self._buckets)
+        # This decision's part of a batch call's ARGV after its cost (batch.py).
+        self._batch_args = [len(self._limits)] + [v for lim in self._limits for v in (lim.interval_us, lim.tau_us)]
         self._argv: dict[tuple[Mode, int, int], list[int]] = {}
 
     @property
@@ -240,6 +251,7 @@ class _SyncBuckets(_Buckets):
         # call: each slot's buckets are decided in turn (see _run_split).
         groups = _slot_groups(client, buckets)
         self._parts = [_SyncBuckets(client, group, strategy) for group in groups] if len(groups) > 1 else []
+        self._batch_slot = _batch_slot(client, self._keys) if strategy == "script" and not self._parts else None
 
     @property
     def redis(self) -> SyncRedis:
