@@ -137,3 +137,20 @@ def slow_work(self: ThrottledTask, n: int, seconds: float) -> int:
     time.sleep(seconds)
     record(self, n=n, phase="end")
     return n
+
+
+def _done() -> None:
+    """What the no-op tasks do: note the time they ran, nothing else."""
+    recorder().rpush(f"{RECORD_KEY}:done", time.time())
+
+
+@app.task(name="fleet.noop")
+def noop() -> None:
+    """The gate's overhead is measured against this plain task..."""
+    _done()
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="api", name="fleet.noop_throttled")
+def noop_throttled(self: ThrottledTask) -> None:
+    """...and this one, the same body behind the gate."""
+    _done()
