@@ -29,8 +29,11 @@ test: lint typecheck
 demo: $(STAMP)
 	$(BIN)/python -m producer.demo $(DEMO_ARGS)
 
+# The bucket against its peers, then how it scales (processes, cluster,
+# batching, the Celery gate, memory for 1,000,000 tenants).
 bench: $(STAMP)
 	$(BIN)/python -m bench.bucket $(BENCH_ARGS)
+	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -28,6 +28,7 @@ class HammerResult:
     decisions: int
     errors: int
     grants: list[tuple[float, int]] = field(default_factory=list)  # (time, cost)
+    client_cpu: float = 0.0  # CPU seconds the processes spent in the timed loop
 
     @property
     def tokens(self) -> int:
@@ -56,7 +57,7 @@ def _worker(
     start_at: float,
     duration: float,
     clock_skew: float,
-) -> tuple[int, int, list[tuple[float, int]]]:
+) -> tuple[int, int, list[tuple[float, int]], float]:
     if clock_skew:
         # Shift this process's wall clock, as a host whose clock is off would.
         real_time = time.time
@@ -66,6 +67,7 @@ def _worker(
     while time.monotonic() < start_at:
         time.sleep(0.0005)
     deadline = start_at + duration
+    cpu_at_start = time.process_time()
     decisions = errors = 0
     grants: list[tuple[float, int]] = []
     while (now := time.monotonic()) < deadline:
@@ -78,7 +80,7 @@ def _worker(
         decisions += 1
         if allowed:
             grants.append((server_time if server_time is not None else now, cost))
-    return decisions, errors, grants
+    return decisions, errors, grants, time.process_time() - cpu_at_start
 
 
 def hammer(
@@ -102,7 +104,8 @@ def hammer(
         futures = [pool.submit(_worker, factory, costs, start_at, duration, skews[i]) for i in range(processes)]
         result = HammerResult(processes, duration, 0, 0)
         for future in futures:
-            decisions, errors, grants = future.result(timeout=warmup + duration + 60)
+            decisions, errors, grants, cpu = future.result(timeout=warmup + duration + 60)
+            result.client_cpu += cpu
             result.decisions += decisions
             result.errors += errors
             result.grants.extend(grants)

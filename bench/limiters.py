@@ -7,6 +7,7 @@ harness records the client's monotonic time instead.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
@@ -98,5 +99,22 @@ def seed_client_clock(url: str, key: str, rate: float | str, burst: int, strateg
                     return allowed, None
                 except redis.WatchError:
                     continue
+
+    return decide
+
+
+def throttle_many_keys(url: str, key: str, rate: float | str, burst: int, keys: int = 1000) -> Decide:
+    """throttle's TokenBucket over ``keys`` tenants' buckets, a random one per call."""
+    from throttle import Limit, TokenBucket
+    from throttle.connect import client_from_url
+
+    client = client_from_url(url)
+    limit = Limit(rate, burst)
+    buckets = [TokenBucket(client, f"{key}:{i}", rate=limit) for i in range(keys)]
+    rng = random.Random()
+
+    def decide(cost: int) -> tuple[bool, float | None]:
+        d = rng.choice(buckets).consume(cost)
+        return d.allowed, d.server_time
 
     return decide
