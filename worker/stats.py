@@ -13,11 +13,12 @@ import redis
 from celery.signals import worker_ready
 
 from throttle.celery_settings import settings_for
+from throttle.connect import client_from_url
 from throttle.signals import backend_error, limit_paused, task_admitted, task_deferred
 
 from .app import app
 
-_client: redis.Redis | None = None
+_client: Any = None
 
 #: The counters outlive a demo run by a day, then go.
 STATS_TTL_S = 86400
@@ -27,10 +28,11 @@ def stats_key() -> str:
     return f"{settings_for(app).prefix}:demo:stats"
 
 
-def _redis() -> redis.Redis:
+def _redis() -> Any:
+    """The buckets' Redis (one server, a cluster or a Sentinel master)."""
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(settings_for(app).redis_url, socket_timeout=2, socket_connect_timeout=2)
+        _client = client_from_url(settings_for(app).redis_url, socket_timeout=2, socket_connect_timeout=2)
     return _client
 
 
