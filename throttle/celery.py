@@ -32,14 +32,23 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from . import signals
-from .bucket import MultiBucket, TokenBucket
+from .bucket import UNAVAILABLE, MultiBucket, TokenBucket
 from .celery_settings import NamedLimit, ThrottleSettings, check_limit_name, settings_for
 from .checks import check_cost
 from .connect import client_from_url
 from .errors import BackendUnavailable, RateLimited, ThrottleError
 from .limit import Limit
+from .live import LiveLimits, LiveState, versioned
+from .metrics import MetricsRecorder
 
-__all__ = ["ThrottledTask", "ThrottleDeferralExpired", "HEADER_DEFERRALS", "HEADER_SLOT", "HEADER_SINCE"]
+__all__ = [
+    "ThrottledTask",
+    "ThrottleDeferralExpired",
+    "HEADER_DEFERRALS",
+    "HEADER_SLOT",
+    "HEADER_SINCE",
+    "HEADER_VERSIONS",
+]
 
 logger = logging.getLogger("throttle")
 
@@ -48,6 +57,11 @@ logger = logging.getLogger("throttle")
 HEADER_DEFERRALS = "throttle_deferrals"  # how many times this task was deferred
 HEADER_SLOT = "throttle_slot"  # the booked slot, Redis time in microseconds
 HEADER_SINCE = "throttle_since"  # wall-clock time of the first deferral
+HEADER_VERSIONS = "throttle_versions"  # the limits' live versions the slot was booked under
+
+#: While an operator's pause lasts, waiting tasks look again this often, so
+#: that a ``throttle resume`` lets them run within seconds.
+_PAUSE_HOP_S = 2.0
 
 #: A slot this close is waited for in place: cheaper than a broker round trip.
 _SPIN_S = 0.01
@@ -106,13 +120,17 @@ class _Plan:
             return check_cost(self.cost(*args, **kwargs), self.min_burst, "throttle_cost")
         return self.cost
 
+    def tenant(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+        if self.key_fn is None:
+            return None
+        value = self.key_fn(*args, **kwargs)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"throttle_key must return a non-empty str, got {value!r}")
+        return value
+
     def bucket_names(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
-        tenant: str | None = None
-        if self.key_fn is not None:
-            value = self.key_fn(*args, **kwargs)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"throttle_key must return a non-empty str, got {value!r}")
-            tenant = value
+        """The configured buckets' names (version 0); see ``_Effective`` for live ones."""
+        tenant = self.tenant(args, kwargs)
         return [f"{nl.name}:{tenant}" if tenant is not None and nl.per_key else nl.name for nl in self.limits]
 
 
@@ -153,24 +171,83 @@ def _resolve(
     return _Plan(plan.limits, plan.key_fn, check_cost(cost, plan.min_burst, f"{where}: throttle_cost"))
 
 
+@dataclass(frozen=True)
+class _Effective:
+    """A task's limits as the fleet runs them now: live overrides applied."""
+
+    enforce: tuple[tuple[str, Limit], ...]  # (bucket name, limit) decided before the body
+    shadow: tuple[tuple[str, Limit], ...]  # (bucket name, limit) only counted
+    versions: str  # the enforced limits' versions, e.g. "0,3": a booked slot's stamp
+    limit_names: tuple[str, ...]  # the limits' own names, for metrics
+    pause_left: float  # seconds left of an operator's pause (the longest)
+
+
 class _Runtime:
-    """Per process: one Redis client (made after fork) and the buckets in use."""
+    """Per process: one Redis client (made after fork), the live limits, the
+    buckets in use and the metrics recorder."""
 
     def __init__(self, settings: ThrottleSettings) -> None:
         self.settings = settings
         self.redis = client_from_url(settings.redis_url, **settings.redis_options)
-        self._buckets: dict[tuple[str, ...], TokenBucket | MultiBucket] = {}
+        self.live = LiveLimits(self.redis, settings.prefix)
+        self.metrics = MetricsRecorder(self.redis, settings.prefix) if settings.metrics else None
+        self._buckets: dict[tuple[tuple[str, int, int], ...], TokenBucket | MultiBucket] = {}
         self._lock = threading.Lock()
+        self._published = False
 
-    def buckets(self, plan: _Plan, names: list[str]) -> TokenBucket | MultiBucket:
-        key = tuple(names)
+    def publish(self) -> None:
+        """Tell ``throttle list`` which limits this fleet's config has (once)."""
+        if self._published:
+            return
+        self._published = True
+        try:
+            self.live.publish_configured(self.settings.limits)
+        except Exception as exc:  # Redis down: the gate will say so; the CLI can wait
+            logger.debug("could not publish the configured limits: %s", exc)
+
+    def state(self) -> LiveState:
+        try:
+            return self.live.state()
+        except Exception as exc:
+            if isinstance(exc, UNAVAILABLE):
+                raise BackendUnavailable("live limits", exc) from exc
+            raise
+
+    def effective(self, plan: _Plan, tenant: str | None, state: LiveState) -> _Effective:
+        enforce: list[tuple[str, Limit]] = []
+        shadow: list[tuple[str, Limit]] = []
+        versions: list[str] = []
+        for nl in plan.limits:
+            limit, mode = nl.limit, nl.mode
+            override = state.overrides.get(nl.name)
+            if override is not None:
+                try:
+                    limit, mode = override.apply(limit, mode)
+                except (TypeError, ValueError) as exc:  # checked when set; a hand-written one may be wrong
+                    logger.error("ignoring the live override of %s: %s", nl.name, exc)
+            version = state.versions.get(nl.name, 0)
+            name = versioned(nl.name, version)
+            if tenant is not None and nl.per_key:
+                name = f"{name}:{tenant}"
+            if mode == "shadow":
+                shadow.append((name, limit))
+            else:
+                enforce.append((name, limit))
+                versions.append(str(version))
+        return _Effective(
+            tuple(enforce),
+            tuple(shadow),
+            ",".join(versions),
+            tuple(nl.name for nl in plan.limits),
+            max(state.pause_left(nl.name) for nl in plan.limits),
+        )
+
+    def buckets(self, parts: Sequence[tuple[str, Limit]]) -> TokenBucket | MultiBucket:
+        key = tuple((name, limit.interval_us, limit.tau_us) for name, limit in parts)
         found = self._buckets.get(key)
         if found is None:
-            parts = [
-                TokenBucket(self.redis, name, rate=nl.limit, prefix=self.settings.prefix)
-                for name, nl in zip(names, plan.limits, strict=True)
-            ]
-            found = parts[0] if len(parts) == 1 else MultiBucket(parts)
+            made = [TokenBucket(self.redis, name, rate=limit, prefix=self.settings.prefix) for name, limit in parts]
+            found = made[0] if len(made) == 1 else MultiBucket(made)
             with self._lock:
                 if len(self._buckets) > 10_000:  # many tenants: do not grow forever
                     self._buckets.clear()
@@ -282,6 +359,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
 class _Gate:
     """One decision for one delivery of one task."""
 
+    buckets: TokenBucket | MultiBucket  # the enforced limits' buckets, set by _load()
+
     def __init__(self, task: ThrottledTask, plan: _Plan, args: list[Any], kwargs: dict[str, Any]) -> None:
         self.task = task
         self.plan = plan
@@ -289,22 +368,65 @@ class _Gate:
         self.kwargs = kwargs
         self.runtime = _runtime(task.app)
         self.settings = self.runtime.settings
-        self.names = plan.bucket_names(args, kwargs)
+        self.tenant = plan.tenant(args, kwargs)
         self.cost = plan.cost_for(args, kwargs)
-        self.buckets = self.runtime.buckets(plan, self.names)
+        # Until the live state is read: the configured limits.
+        self.names = plan.bucket_names(args, kwargs)
+        self.limit_names = tuple(nl.name for nl in plan.limits)
+        self.effective: _Effective | None = None
+        self.shadow: TokenBucket | MultiBucket | None = None
         request = task.request
         self.deferrals = int(_header(request, HEADER_DEFERRALS) or 0)
         slot = _header(request, HEADER_SLOT)
         self.slot_us = int(slot) if slot is not None else None
         since = _header(request, HEADER_SINCE)
         self.since = float(since) if since is not None else None
+        versions = _header(request, HEADER_VERSIONS)
+        # None: booked by a version of throttle without live limits.
+        self.slot_versions = str(versions) if versions is not None else None
+        self.runtime.publish()
+
+    def _load(self) -> _Effective:
+        """Apply the live state: effective limits, their buckets, the pause."""
+        effective = self.runtime.effective(self.plan, self.tenant, self.runtime.state())
+        self.effective = effective
+        if effective.enforce:
+            self.names = [name for name, _ in effective.enforce]
+            self.buckets = self.runtime.buckets(effective.enforce)
+            burst = min(limit.burst for _, limit in effective.enforce)
+            if self.cost > burst:
+                # A live override made the burst smaller than this task's
+                # cost: it could never run.  Take the whole burst instead.
+                logger.warning(
+                    "%s[%s] costs %d tokens but %s now holds %d: taking %d",
+                    self.task.name, self.task.request.id, self.cost, ",".join(self.names), burst, burst,
+                )  # fmt: skip
+                self.cost = burst
+        if effective.shadow:
+            self.shadow = self.runtime.buckets(effective.shadow)
+        return effective
+
+    def _count(self, field: str, n: int = 1) -> None:
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.count(self.limit_names, field, n)
 
     # The two entry points -------------------------------------------------
 
     def admit(self) -> None:
         """Return to run the body; raise ``Ignore`` after re-sending the task."""
         try:
-            if self.slot_us is not None:
+            effective = self._load()
+            if effective.pause_left > 0:
+                # An operator paused a limit: wait, looking again every few
+                # seconds; a booked slot is void (its token forfeit).
+                self._defer(min(effective.pause_left, _PAUSE_HOP_S), "paused", None)
+            if not effective.enforce:
+                self._admitted("now")  # shadow limits only: count, never defer
+            elif self.slot_us is not None and self.slot_versions not in (None, effective.versions):
+                # Booked under a limit that has changed since: book again
+                # in the new bucket.
+                self._book("changed")
+            elif self.slot_us is not None:
                 self._arrive(self.slot_us)
             else:
                 self._book("empty")
@@ -318,7 +440,11 @@ class _Gate:
             self.task.name, self.task.request.id, ",".join(self.names), exc.retry_after,
         )  # fmt: skip
         try:
+            if not self._load().enforce:
+                # Shadow limits only: nothing to pause; let the error be the task's.
+                raise exc
             self.buckets.pause(exc.retry_after)
+            self._count("paused")
             signals.limit_paused.send(
                 sender=self.task, task_id=self.task.request.id, limits=self.names, seconds=exc.retry_after
             )
@@ -373,14 +499,39 @@ class _Gate:
         return max(0.0, self.settings.max_defer - (time.time() - self.since))
 
     def _admitted(self, paid: str) -> None:
+        if self.shadow is not None:
+            self._shadow_check()
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.count(self.limit_names, f"admitted:{paid}")
+            waited = max(0.0, time.time() - self.since) if self.since is not None else 0.0
+            self.runtime.metrics.wait(self.limit_names, waited)
         logger.debug("%s[%s] admitted by %s (%s)", self.task.name, self.task.request.id, ",".join(self.names), paid)
         signals.task_admitted.send(
             sender=self.task, task_id=self.task.request.id, limits=self.names, paid=paid, deferrals=self.deferrals
         )
 
+    def _shadow_check(self) -> None:
+        """A shadow-mode limit decides too, but only counts a refusal."""
+        assert self.shadow is not None and self.effective is not None
+        shadow = self.effective.shadow
+        decision = self.shadow.consume(min(self.cost, *(limit.burst for _, limit in shadow)))
+        if decision.allowed:
+            return
+        shadow_names = [name for name, _ in shadow]
+        logger.info(
+            "%s[%s] would be deferred %.3fs by %s (shadow mode: runs now)",
+            self.task.name, self.task.request.id, decision.retry_after, ",".join(shadow_names),
+        )  # fmt: skip
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.count([n.split(":", 1)[0].split("@", 1)[0] for n in shadow_names], "shadow_refused")
+        signals.shadow_refused.send(
+            sender=self.task, task_id=self.task.request.id, limits=shadow_names, wait=decision.retry_after
+        )
+
     def _backend_error(self, exc: BackendUnavailable, at_least: float = 0.0) -> None:
         policy = self.settings.on_backend_error
         task, request = self.task, self.task.request
+        self._count(f"backend_errors:{policy}")
         signals.backend_error.send(sender=task, task_id=request.id, limits=self.names, error=exc, policy=policy)
         if policy == "allow" and not at_least:
             logger.warning("%s[%s] runs unthrottled: %s", task.name, request.id, exc)
@@ -401,23 +552,26 @@ class _Gate:
         """Send this task again to run in ``wait`` seconds, then end this run."""
         task, request = self.task, self.task.request
         countdown = min(wait, self.settings.max_countdown)
-        headers = {
+        headers: dict[str, Any] = {
             HEADER_DEFERRALS: self.deferrals + 1,
             HEADER_SINCE: self.since if self.since is not None else time.time(),
         }
         if slot_us is not None:
             headers[HEADER_SLOT] = slot_us
+            headers[HEADER_VERSIONS] = self.effective.versions if self.effective else ""
         # Same id, same request.retries, same routing, links and chain: only
         # the countdown and throttle's headers change.
         signature = task.signature_from_request(request, self.args, self.kwargs)
         merged = {**(signature.options.get("headers") or {}), **headers}
         if slot_us is None:
             merged.pop(HEADER_SLOT, None)
+            merged.pop(HEADER_VERSIONS, None)
         signature.apply_async(countdown=countdown, headers=merged, retry=True, retry_policy=_PUBLISH_RETRY)
         logger.info(
             "%s[%s] deferred %.3fs (%s, deferral %d, limits %s)",
             task.name, request.id, wait, reason, self.deferrals + 1, ",".join(self.names),
         )  # fmt: skip
+        self._count(f"deferred:{reason}")
         signals.task_deferred.send(
             sender=task, task_id=request.id, limits=self.names, wait=wait, reason=reason, deferrals=self.deferrals + 1
         )

@@ -47,11 +47,14 @@ class NamedLimit:
     ``per_key``: when a task gives ``throttle_key``, this limit is split into
     one bucket per key (True, the default) or stays one bucket for all keys
     (False: a global quota decided together with per-tenant ones).
+    ``mode``: "enforce" (the default) defers tasks over the limit; "shadow"
+    only counts and logs them, so a new limit can be tried in production.
     """
 
     name: str
     limit: Limit
     per_key: bool = True
+    mode: str = "enforce"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class ThrottleSettings:
     max_defer: float = DEFAULT_MAX_DEFER
     max_countdown: float = DEFAULT_MAX_COUNTDOWN
     redis_options: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_REDIS_OPTIONS))
+    metrics: bool = True
 
     @classmethod
     def from_conf(cls, conf: Any) -> ThrottleSettings:
@@ -75,6 +79,7 @@ class ThrottleSettings:
             max_defer=_seconds("throttle_max_defer", conf.get("throttle_max_defer", DEFAULT_MAX_DEFER)),
             max_countdown=_max_countdown(conf),
             redis_options=_redis_options(conf.get("throttle_redis_options")),
+            metrics=_flag("throttle_metrics", conf.get("throttle_metrics", True)),
         )
 
 
@@ -96,9 +101,9 @@ def parse_limits(value: object) -> dict[str, NamedLimit]:
         spec = {"rate": given} if is_rate else given
         if not isinstance(spec, Mapping):
             raise ValueError(f"{where} must be a rate or a dict with 'rate' and 'burst', got {spec!r}")
-        unknown = set(spec) - {"rate", "burst", "per_key"}
+        unknown = set(spec) - {"rate", "burst", "per_key", "mode"}
         if unknown:
-            raise ValueError(f"{where} has unknown keys {sorted(unknown)}: use 'rate', 'burst', 'per_key'")
+            raise ValueError(f"{where} has unknown keys {sorted(unknown)}: use 'rate', 'burst', 'per_key', 'mode'")
         if "rate" not in spec:
             raise ValueError(f"{where} needs a 'rate' such as '10/s'")
         try:
@@ -108,7 +113,10 @@ def parse_limits(value: object) -> dict[str, NamedLimit]:
         per_key = spec.get("per_key", True)
         if not isinstance(per_key, bool):
             raise ValueError(f"{where}['per_key'] must be True or False, got {per_key!r}")
-        limits[name] = NamedLimit(name, limit, per_key)
+        mode = spec.get("mode", "enforce")
+        if mode not in ("enforce", "shadow"):
+            raise ValueError(f"{where}['mode'] must be 'enforce' or 'shadow', got {mode!r}")
+        limits[name] = NamedLimit(name, limit, per_key, mode)
     return limits
 
 
@@ -124,6 +132,12 @@ def _redis_url(conf: Any) -> str:
     if not isinstance(url, str) or not url.startswith(SCHEMES):
         raise ValueError(f"throttle_redis_url must start with one of {', '.join(SCHEMES)}; got {redact(url)!r}")
     return url
+
+
+def _flag(setting: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{setting} must be True or False, got {value!r}")
+    return value
 
 
 def _prefix(value: object) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["task_admitted", "task_deferred", "limit_paused", "backend_error"]
+__all__ = ["task_admitted", "task_deferred", "limit_paused", "backend_error", "shadow_refused"]
 
 #: The body is about to run.  ``paid``: "now" (tokens taken at this delivery)
 #: or "booked" (the task comes back at a slot it booked earlier).
@@ -31,3 +31,6 @@ limit_paused = Signal(name="throttle_limit_paused")
 
 #: Redis could not answer; ``policy`` says what was done ("defer", "allow", "fail").
 backend_error = Signal(name="throttle_backend_error")
+
+#: A shadow-mode limit would have deferred the task (``wait`` seconds); it runs.
+shadow_refused = Signal(name="throttle_shadow_refused")

@@ -1,0 +1,438 @@
+"""``throttle``: look at and change a running fleet's limits.
+
+::
+
+    throttle list                         # configured and live limits, tokens now
+    throttle inspect api [--key acme]     # one limit (or one tenant's bucket) in detail
+    throttle set api --rate 20/s --burst 5 [--mode shadow]
+    throttle unset api                    # back to the configured limit
+    throttle pause api --for 60s          # admit nothing of it, fleet-wide
+    throttle resume api
+    throttle reset api [--key acme]       # a fresh (full) bucket
+    throttle watch                        # live table, refreshed each second
+    throttle metrics --port 9464          # Prometheus endpoint
+
+Redis is ``--redis-url`` or, as for the reference worker, ``THROTTLE_REDIS_URL``
+(then a Redis ``BROKER_URL``, then ``redis://localhost:6379/0``); the key
+prefix is ``--prefix`` or ``THROTTLE_PREFIX`` (default ``throttle``).  Read
+commands take ``--json``.  Bad arguments exit 2 with a one-line error; a Redis
+that cannot be reached exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+import redis
+
+from .bucket import TokenBucket
+from .celery_settings import check_limit_name
+from .checks import MAX_WAIT_SECONDS
+from .connect import client_from_url, redact
+from .limit import Limit
+from .live import MODES, LiveLimits, LiveState, Override, versioned
+from .metrics import ThrottleCollector, read_metrics, summarise
+
+__all__ = ["main", "cli", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: str) -> float:
+    """``"60s"``, ``"5m"``, ``"1h"``, ``"500ms"`` or plain seconds, > 0 and at most a day."""
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"duration must be like 60s, 5m, 1h or 500ms, got {value!r}")
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if not 0 < seconds <= MAX_WAIT_SECONDS:
+        raise ValueError(f"duration must be more than 0 and at most 24h, got {value!r}")
+    return seconds
+
+
+#: The URL of this invocation, for error messages (the context is gone by then).
+_current_url = [""]
+
+
+def default_redis_url() -> str:
+    url = os.environ.get("THROTTLE_REDIS_URL")
+    if url:
+        return url
+    broker = os.environ.get("BROKER_URL", "")
+    return broker if broker.startswith(("redis://", "rediss://", "unix://")) else "redis://localhost:6379/0"
+
+
+@dataclass
+class Context:
+    url: str
+    prefix: str
+    _client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = client_from_url(self.url, socket_connect_timeout=2.0, socket_timeout=5.0)
+        return self._client
+
+    @property
+    def live(self) -> LiveLimits:
+        return LiveLimits(self.client, self.prefix)
+
+    def describe(self, only: str | None = None, key: str | None = None) -> dict[str, dict[str, Any]]:
+        """Every known limit (or one): configured, override, effective values, tokens."""
+        live = self.live
+        configured = live.configured()
+        state = live.read()
+        names = sorted(set(configured) | set(state.overrides) | set(state.versions) | set(state.paused_until))
+        if only is not None:
+            names = [only]
+        return {name: self._one(name, configured.get(name), state, key) for name in names}
+
+    def _one(self, name: str, config: dict[str, Any] | None, state: LiveState, key: str | None) -> dict[str, Any]:
+        override = state.overrides.get(name)
+        base = Limit(config["rate"], config["burst"]) if config else None
+        mode = (config or {}).get("mode", "enforce")
+        effective: Limit | None = base
+        if override is not None:
+            if base is None:
+                base = Limit(override.rate or 1, override.burst or 1)
+            effective, mode = override.apply(base, mode)
+        version = state.versions.get(name, 0)
+        per_key = bool((config or {}).get("per_key", False))
+        info: dict[str, Any] = {
+            "configured": config,
+            "override": json.loads(override.to_json()) if override else None,
+            "rate": effective.rate if effective else None,
+            "burst": effective.burst if effective else None,
+            "mode": mode,
+            "per_key": per_key,
+            "version": version,
+            "pause_left": round(state.pause_left(name), 3),
+            "bucket": None,
+            "tokens": None,
+        }
+        if effective is not None and (key is not None or not per_key):
+            bucket_name = versioned(name, version) + (f":{key}" if key is not None else "")
+            bucket = TokenBucket(self.client, bucket_name, rate=effective, prefix=self.prefix)
+            decision = bucket.peek()
+            info["bucket"] = bucket.key if isinstance(bucket.key, str) else bucket.key.decode(errors="replace")
+            info["tokens"] = decision.remaining
+            info["next_token_in"] = round(decision.retry_after, 6)
+            info["full_in"] = round(decision.reset_after, 6)
+        return info
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    raise click.exceptions.Exit(_say(message, code))
+
+
+def _say(message: str, code: int) -> int:
+    click.echo(f"throttle: error: {message}", err=True)
+    return code
+
+
+def _name(value: str) -> str:
+    try:
+        return check_limit_name(value, "NAME")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("NAME: ")) from exc
+
+
+@click.group(help=__doc__.split("::")[0].strip() if __doc__ else None)
+@click.option("--redis-url", default=None, help="where the buckets live (default: $THROTTLE_REDIS_URL)")
+@click.option("--prefix", default=None, help="key prefix of the fleet (default: $THROTTLE_PREFIX or 'throttle')")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None, prefix: str | None) -> None:
+    url = redis_url or default_redis_url()
+    _current_url[0] = url
+    if not url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
+                           "redis+sentinel://", "rediss+sentinel://")):  # fmt: skip
+        raise click.BadParameter(f"not a Redis URL: {redact(url)!r}", param_hint="--redis-url")
+    ctx.obj = Context(url, prefix if prefix is not None else os.environ.get("THROTTLE_PREFIX", "throttle"))
+
+
+def _limits_table(described: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="throttle limits")
+    for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "version"):
+        table.add_column(col, justify="left" if col in ("limit", "mode", "source") else "right")
+    for name, info in described.items():
+        source = "live override" if info["override"] else ("config" if info["configured"] else "unknown")
+        tokens = "per key" if info["per_key"] and info["tokens"] is None else _fmt(info["tokens"])
+        paused = f"{info['pause_left']:.0f}s" if info["pause_left"] else ""
+        table.add_row(name, _fmt(info["rate"]), _fmt(info["burst"]), info["mode"], source, tokens, paused,
+                      str(info["version"]))  # fmt: skip
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_obj
+def list_(obj: Context, as_json: bool) -> None:
+    """Configured and live limits, with the tokens in each bucket now."""
+    described = obj.describe()
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    from rich.console import Console
+
+    if not described:
+        click.echo("no limits known yet: workers publish their configured limits when they start")
+        return
+    Console().print(_limits_table(described))
+
+
+@cli.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.option("--key", default=None, help="one tenant's bucket of a per-key limit")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_obj
+def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
+    """One limit: configured and live values, its bucket's tokens, its counters."""
+    if key is not None and not key:
+        raise click.BadParameter("must not be empty", param_hint="--key")
+    info = obj.describe(only=name, key=key)[name]
+    if info["configured"] is None and info["override"] is None:
+        _fail(f"unknown limit {name!r}: not in any worker's config and not set live")
+    info["metrics"] = summarise(read_metrics(obj.client, obj.prefix, [name])[name])
+    if as_json:
+        click.echo(json.dumps({name: info}, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(_limits_table({name: info}))
+    for field in ("configured", "override", "bucket", "next_token_in", "full_in"):
+        if info.get(field) is not None:
+            console.print(f"{field}: {info[field]}")
+    console.print("counters: " + ", ".join(f"{k} {v:g}" for k, v in info["metrics"].items()))
+
+
+def _known(obj: Context, name: str, force: bool) -> None:
+    configured = obj.live.configured()
+    if name not in configured and not force:
+        known = ", ".join(sorted(configured)) or "none published yet"
+        _fail(f"unknown limit {name!r} (configured: {known}); add --force to set it anyway")
+
+
+@cli.command("set")
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.option("--rate", default=None, help="tokens per time, e.g. 20/s, 100/m, 5000/h")
+@click.option("--burst", type=click.IntRange(min=1), default=None, help="tokens the bucket holds")
+@click.option("--mode", type=click.Choice(MODES), default=None, help="enforce, or shadow (count, never defer)")
+@click.option("--force", is_flag=True, help="also for a limit no worker has published")
+@click.pass_obj
+def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: str | None, force: bool) -> None:
+    """Override a limit's rate, burst or mode for the whole fleet, now."""
+    if rate is None and burst is None and mode is None:
+        raise click.UsageError("give at least one of --rate, --burst, --mode")
+    try:
+        Override(rate, burst, mode)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--rate/--burst") from exc
+    _known(obj, name, force)
+    version = obj.live.set(name, rate, burst, mode)
+    info = obj.describe(only=name)[name]
+    click.echo(f"{name}: {_fmt(info['rate'])}/s burst {info['burst']} mode {info['mode']} (version {version})")
+
+
+@cli.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.pass_obj
+def unset(obj: Context, name: str) -> None:
+    """Remove a live override: back to the configured limit."""
+    if not obj.live.unset(name):
+        _fail(f"{name!r} has no live override", 1)
+    click.echo(f"{name}: back to the configured limit")
+
+
+@cli.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.option("--for", "duration", required=True, help="how long: 60s, 5m, 1h")
+@click.option("--force", is_flag=True, help="also for a limit no worker has published")
+@click.pass_obj
+def pause(obj: Context, name: str, duration: str, force: bool) -> None:
+    """Admit nothing of a limit, fleet-wide, for a while (tasks wait; none is lost)."""
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--for") from exc
+    _known(obj, name, force)
+    obj.live.pause(name, seconds)
+    click.echo(f"{name}: paused for {seconds:g}s")
+
+
+@cli.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.pass_obj
+def resume(obj: Context, name: str) -> None:
+    """End a pause now."""
+    if not obj.live.resume(name):
+        _fail(f"{name!r} is not paused", 1)
+    click.echo(f"{name}: resumed")
+
+
+@cli.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.option("--key", default=None, help="only this tenant's bucket")
+@click.pass_obj
+def reset(obj: Context, name: str, key: str | None) -> None:
+    """A fresh, full bucket: for the whole limit (all tenants) or one --key."""
+    if key is not None:
+        if not key:
+            raise click.BadParameter("must not be empty", param_hint="--key")
+        info = obj.describe(only=name, key=key)[name]
+        if info["bucket"] is None:
+            _fail(f"unknown limit {name!r}")
+        obj.client.delete(info["bucket"])
+        click.echo(f"{name}: bucket of {key!r} is full again")
+        return
+    _known(obj, name, force=False)
+    # A new version: slots booked in the old bucket are void (their tasks
+    # book again), so a reset never lets old and new admissions add up.
+    version = int(obj.client.hincrby(obj.live.versions_key, name, 1))
+    click.echo(f"{name}: fresh bucket (version {version})")
+
+
+@cli.command()
+@click.option("--interval", type=click.FloatRange(min=0.1, max=60), default=1.0, help="seconds between refreshes")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="stop after this many refreshes")
+@click.option("--json", "as_json", is_flag=True, help="one JSON line per refresh instead of a table")
+@click.pass_obj
+def watch(obj: Context, interval: float, count: int | None, as_json: bool) -> None:
+    """Per limit, refreshed each interval: admitted/s, deferred/s, mean wait, tokens."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    previous: dict[str, dict[str, float]] = {}
+    previous_at = time.monotonic()
+
+    def sample() -> dict[str, dict[str, Any]]:
+        nonlocal previous, previous_at
+        described = obj.describe()
+        counters = {n: summarise(m) for n, m in read_metrics(obj.client, obj.prefix, described).items()}
+        now = time.monotonic()
+        elapsed = max(1e-6, now - previous_at)
+        rows: dict[str, dict[str, Any]] = {}
+        for name, info in described.items():
+            cur, old = counters[name], previous.get(name, counters[name])
+            waited = cur["wait_count"] - old["wait_count"]
+            rows[name] = {
+                "admitted_per_s": (cur["admitted"] - old["admitted"]) / elapsed,
+                "deferred_per_s": (cur["deferred"] - old["deferred"]) / elapsed,
+                "shadow_refused_per_s": (cur["shadow_refused"] - old["shadow_refused"]) / elapsed,
+                "mean_wait_s": (cur["wait_sum"] - old["wait_sum"]) / waited if waited else 0.0,
+                "tokens": info["tokens"],
+                "rate": info["rate"],
+                "burst": info["burst"],
+                "mode": info["mode"],
+                "pause_left": info["pause_left"],
+                "admitted_total": cur["admitted"],
+                "deferred_total": cur["deferred"],
+            }
+        previous, previous_at = counters, now
+        return rows
+
+    def table(rows: dict[str, dict[str, Any]]) -> Table:
+        t = Table(title=f"throttle watch ({redact(obj.url)}, every {interval:g}s)")
+        for col in ("limit", "rate/s", "admitted/s", "deferred/s", "mean wait", "tokens", "mode", "paused"):
+            t.add_column(col, justify="left" if col in ("limit", "mode") else "right")
+        for name, r in rows.items():
+            t.add_row(
+                name, _fmt(r["rate"]), f"{r['admitted_per_s']:.1f}", f"{r['deferred_per_s']:.1f}",
+                f"{r['mean_wait_s']:.2f}s", _fmt(r["tokens"]), r["mode"],
+                f"{r['pause_left']:.0f}s" if r["pause_left"] else "",
+            )  # fmt: skip
+        return t
+
+    sample()  # the baseline for the first rates
+    done = 0
+    if as_json:
+        while count is None or done < count:
+            time.sleep(interval)
+            click.echo(json.dumps(sample()))
+            done += 1
+        return
+    with Live(table({}), console=Console(), auto_refresh=False) as live:
+        while count is None or done < count:
+            time.sleep(interval)
+            live.update(table(sample()), refresh=True)
+            done += 1
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=9464, help="HTTP port (default 9464)")
+@click.option("--host", default="0.0.0.0", help="address to listen on (default all)")
+@click.pass_obj
+def metrics(obj: Context, port: int, host: str) -> None:
+    """Serve every limit's counters, wait histogram, rate and tokens for Prometheus."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+    except ImportError:
+        _fail("throttle metrics needs prometheus-client: pip install 'throttle[metrics]'", 1)
+
+    obj.live.read()  # fail now, with one line, if Redis is not there
+
+    def describe() -> dict[str, dict[str, Any]]:
+        return obj.describe()
+
+    registry = CollectorRegistry()
+    registry.register(ThrottleCollector(obj.client, obj.prefix, describe))
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    click.echo(f"serving throttle metrics on http://{host}:{port}/metrics", err=True)
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; errors are one line on stderr (2: bad arguments, 1: Redis)."""
+    try:
+        # standalone_mode=False: click returns an Exit's code instead of exiting.
+        code = cli.main(args=argv, prog_name="throttle", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        code = int(done.exit_code)
+    except click.Abort:
+        code = _say("aborted", 130)
+    except Exception as exc:  # every expected error becomes one line; others propagate
+        code = _say(*_describe_error(exc))
+    return code if isinstance(code, int) else 0
+
+
+def _describe_error(exc: Exception) -> tuple[str, int]:
+    if isinstance(exc, click.UsageError):  # BadParameter, NoSuchOption, MissingParameter
+        return exc.format_message().replace("\n", " "), 2
+    if isinstance(exc, (redis.RedisError, OSError)):
+        where = redact(_current_url[0] or default_redis_url())
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return f"Redis at {where} ({type(exc).__name__}): {first_line}", 1
+    if isinstance(exc, ValueError):
+        return str(exc), 2
+    raise exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
