@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -45,8 +46,8 @@ def resolved(env: dict[str, str]) -> dict[str, Any]:
 def test_compose_file_is_valid() -> None:
     config = resolved(dict(os.environ))
     services = config["services"]
-    assert set(services) == {"redis", "api", "worker", "producer"}
-    for name in ("api", "worker", "producer"):
+    assert set(services) == {"redis", "api", "worker", "metrics", "producer"}
+    for name in ("api", "worker", "metrics", "producer"):
         assert services[name]["image"] == "throttle:latest"
     for name in ("redis", "api", "worker"):
         assert "healthcheck" in services[name], name
@@ -55,7 +56,8 @@ def test_compose_file_is_valid() -> None:
 
 
 def _local(command: list[str], mapping: dict[str, str]) -> list[str]:
-    out = [sys.executable if command[0] == "python" else command[0]]
+    installed = {"python": sys.executable, "throttle": str(Path(sys.executable).parent / "throttle")}
+    out = [installed.get(command[0], command[0])]
     for arg in command[1:]:
         out.append(mapping.get(arg, arg))
     return out
@@ -70,7 +72,8 @@ def test_compose_services_work_together(redis_url: str, tmp_path: Path) -> None:
     api_port = free_port()
 
     def environment(service: str) -> dict[str, str]:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        # A prefix of this run's own: the counters start from zero.
+        env = dict(os.environ, PYTHONPATH=str(ROOT), THROTTLE_PREFIX=queue)
         for key, given in services[service].get("environment", {}).items():
             local = str(given).replace("redis://redis:6379", base)
             env[key] = local.replace("http://api:8080", f"http://127.0.0.1:{api_port}")
@@ -79,6 +82,9 @@ def test_compose_services_work_together(redis_url: str, tmp_path: Path) -> None:
     with Children(tmp_path / "logs") as children:
         children.start("api", _local(services["api"]["command"], {"0.0.0.0": "127.0.0.1", "8080": str(api_port)}),
                        environment("api"), cwd=ROOT)  # fmt: skip
+        metrics_port = free_port()
+        metrics_command = _local(services["metrics"]["command"], {"9464": str(metrics_port)})
+        children.start("metrics", [*metrics_command, "--host", "127.0.0.1"], environment("metrics"), cwd=ROOT)
         for i in range(2):
             command = [*services["worker"]["command"], "-n", f"compose{i}-{queue}@%h"]
             children.start(f"worker{i}", _local(command, {}), environment("worker"), cwd=ROOT)
@@ -90,7 +96,17 @@ def test_compose_services_work_together(redis_url: str, tmp_path: Path) -> None:
         assert "sent 40 tasks" in producer.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/stats", timeout=5) as response:
             stats = json.loads(response.read())
+        admitted = 0.0
+        deadline = time.monotonic() + 10  # the workers add their counts once a second
+        while admitted < 40 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                lines = response.read().decode().splitlines()
+            admitted = sum(
+                float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith('throttle_admitted_total{limit="api"')
+            )
         assert children.dead() == []
+        assert admitted == 40
     assert stats["ok"] == 40 and stats["task_ids_ok"] == 40
     assert stats["http_429"] == 0
     assert stats["peak_1s"] <= 25

@@ -206,12 +206,20 @@ class _Runtime:
             logger.debug("could not publish the configured limits: %s", exc)
 
     def state(self) -> LiveState:
+        """The live limits; the configured ones if they cannot be read.
+
+        Redis down: ``BackendUnavailable`` (the decision could not be made
+        either).  Anything else (a hand-edited key, a proxy refusing a
+        command): log it and decide by the configured limits: a broken
+        override must never fail tasks.
+        """
         try:
             return self.live.state()
-        except Exception as exc:
-            if isinstance(exc, UNAVAILABLE):
-                raise BackendUnavailable("live limits", exc) from exc
-            raise
+        except UNAVAILABLE as exc:
+            raise BackendUnavailable("live limits", exc) from exc
+        except Exception:
+            logger.exception("cannot read the live limits; deciding by the configured ones")
+            return self.live.fall_back()
 
     def effective(self, plan: _Plan, tenant: str | None, state: LiveState) -> _Effective:
         enforce: list[tuple[str, Limit]] = []

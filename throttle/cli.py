@@ -307,7 +307,7 @@ def reset(obj: Context, name: str, key: str | None) -> None:
     _known(obj, name, force=False)
     # A new version: slots booked in the old bucket are void (their tasks
     # book again), so a reset never lets old and new admissions add up.
-    version = int(obj.client.hincrby(obj.live.versions_key, name, 1))
+    version = obj.live.bump(name)
     click.echo(f"{name}: fresh bucket (version {version})")
 
 

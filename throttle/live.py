@@ -37,8 +37,19 @@ __all__ = ["LiveLimits", "LiveState", "Override", "MODES", "REFRESH_S", "version
 #: Workers re-read the live state at most this often (seconds).
 REFRESH_S = 0.5
 
+#: Versions, pauses and the published config expire this long after their
+#: last change (an override stays until ``throttle unset``: it is config).
+STATE_TTL_S = 30 * 86400
+
 #: "enforce" defers tasks over the limit; "shadow" only counts them.
 MODES = ("enforce", "shadow")
+
+
+#: The live state in one round trip: Redis' clock and the three hashes.
+READ_SCRIPT = """
+return {redis.call('TIME'), redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+        redis.call('HGETALL', KEYS[3])}
+"""
 
 
 def versioned(name: str, version: int) -> str:
@@ -111,6 +122,7 @@ class LiveLimits:
         self.paused_key = f"{base}:paused"
         self.configured_key = f"{base}:configured"
         self.refresh = refresh
+        self._read_script = redis.register_script(READ_SCRIPT)
         self._state: LiveState | None = None
         self._lock = threading.Lock()
 
@@ -138,13 +150,17 @@ class LiveLimits:
             self._state = state
             return state
 
+    def fall_back(self) -> LiveState:
+        """The configured limits only, until the next refresh (after an error)."""
+        state = LiveState(read_at=time.monotonic())
+        self._state = state
+        return state
+
     def read(self) -> LiveState:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(self.overrides_key)
-        pipe.hgetall(self.versions_key)
-        pipe.hgetall(self.paused_key)
-        (seconds, micros), overrides, versions, paused = pipe.execute()
+        # One script call: the clock and the three hashes from the node that
+        # holds them (a cluster pipeline would send TIME to any node).
+        (seconds, micros), *hashes = self._read_script(keys=[self.overrides_key, self.versions_key, self.paused_key])
+        overrides, versions, paused = (dict(zip(h[::2], h[1::2], strict=True)) for h in hashes)
         overrides_parsed: dict[str, Override] = {}
         for name, raw in overrides.items():
             try:
@@ -167,7 +183,10 @@ class LiveLimits:
             name: json.dumps({"rate": nl.limit.rate, "burst": nl.limit.burst, "per_key": nl.per_key, "mode": nl.mode})
             for name, nl in limits.items()
         }
-        self.redis.hset(self.configured_key, mapping=mapping)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.configured_key, mapping=mapping)
+        pipe.expire(self.configured_key, STATE_TTL_S)
+        pipe.execute()
 
     # Operators --------------------------------------------------------------
 
@@ -185,24 +204,30 @@ class LiveLimits:
             burst if burst is not None else current.burst,
             mode if mode is not None else current.mode,
         )
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.overrides_key, name, merged.to_json())
-        pipe.hincrby(self.versions_key, name, 1)
-        return int(pipe.execute()[1])
+        self.redis.hset(self.overrides_key, name, merged.to_json())
+        return self.bump(name)
 
     def unset(self, name: str) -> bool:
         """Back to the configured limit; False if there was no override."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hdel(self.overrides_key, name)
-        pipe.hincrby(self.versions_key, name, 1)
-        removed, _ = pipe.execute()
+        removed = self.redis.hdel(self.overrides_key, name)
+        self.bump(name)
         return bool(removed)
+
+    def bump(self, name: str) -> int:
+        """A new version of ``name``: fresh buckets; slots booked before are void."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(self.versions_key, name, 1)
+        pipe.expire(self.versions_key, STATE_TTL_S)
+        return int(pipe.execute()[0])
 
     def pause(self, name: str, seconds: float) -> float:
         """Admit nothing of ``name`` for ``seconds``; the pause's end (Redis time)."""
         seconds_now, micros = self.redis.time()
         until_us = int(seconds_now) * 1_000_000 + int(micros) + round(seconds * 1_000_000)
-        self.redis.hset(self.paused_key, name, until_us)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.paused_key, name, until_us)
+        pipe.expire(self.paused_key, STATE_TTL_S)
+        pipe.execute()
         return until_us / 1e6
 
     def resume(self, name: str) -> bool:
