@@ -17,6 +17,7 @@ trip per node).  A ``MultiBucket`` whose buckets span slots, and buckets with
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.exceptions
@@ -100,28 +101,43 @@ def _label(buckets: Sequence[_Buckets]) -> str:
     return f"{len(buckets)} buckets ({buckets[0]._label}, ...)" if buckets else "no buckets"
 
 
-def _unpack(calls: list[_Call], replies: list[Any], buckets: Sequence[_B], out: list[Decision | None]) -> None:
-    for call, reply in zip(calls, replies, strict=True):
-        for j, index in enumerate(call.owners):
-            out[index] = buckets[index]._decision(reply[7 * j : 7 * j + 7])
+@dataclass
+class _Batch:
+    """One ``*_many`` call: the script calls to send and where their answers go."""
+
+    client: Any
+    script: Any
+    calls: list[_Call]
+    alone: list[int]  # decided one by one (cross-slot MultiBuckets, transaction buckets)
+    costs: list[int]
+    out: list[Decision | None]
+
+    def unpack(self, buckets: Sequence[_Buckets], replies: list[Any]) -> None:
+        for call, reply in zip(self.calls, replies, strict=True):
+            for j, index in enumerate(call.owners):
+                self.out[index] = buckets[index]._decision(reply[7 * j : 7 * j + 7])
+
+    def decisions(self) -> list[Decision]:
+        return [d for d in self.out if d is not None]
+
+
+def _prepare(buckets: Sequence[Any], cost: int | Sequence[int], kind: type, mode: Mode, limit_us: int) -> _Batch:
+    costs = _check(buckets, cost, kind)
+    calls, alone = _plan(buckets, costs, mode, limit_us) if buckets else ([], [])
+    client = buckets[0]._redis if buckets else None
+    script = buckets[0]._script if buckets else None
+    return _Batch(client, script, calls, alone, costs, [None] * len(buckets))
 
 
 def _many(buckets: Sequence[_SyncBuckets], cost: int | Sequence[int], mode: Mode, limit_us: int) -> list[Decision]:
-    costs = _check(buckets, cost, _SyncBuckets)
-    if not buckets:
-        return []
-    client = buckets[0]._redis
-    script = buckets[0]._script
-    calls, alone = _plan(buckets, costs, mode, limit_us)
-    out: list[Decision | None] = [None] * len(buckets)
+    batch = _prepare(buckets, cost, _SyncBuckets, mode, limit_us)
     try:
-        replies = _execute(client, script, calls) if calls else []
+        batch.unpack(buckets, _execute(batch.client, batch.script, batch.calls) if batch.calls else [])
     except UNAVAILABLE as exc:
         raise BackendUnavailable(_label(buckets), exc) from exc
-    _unpack(calls, replies, buckets, out)
-    for index in alone:
-        out[index] = buckets[index]._run(mode, costs[index], limit_us)
-    return [d for d in out if d is not None]
+    for index in batch.alone:
+        batch.out[index] = buckets[index]._run(mode, batch.costs[index], limit_us)
+    return batch.decisions()
 
 
 def _execute(client: Any, script: Any, calls: list[_Call]) -> list[Any]:
@@ -214,21 +230,14 @@ async def _many_async(
 ) -> list[Decision]:
     from .aio import _AsyncBuckets
 
-    costs = _check(buckets, cost, _AsyncBuckets)
-    if not buckets:
-        return []
-    client = buckets[0]._redis
-    script = buckets[0]._script
-    calls, alone = _plan(buckets, costs, mode, limit_us)
-    out: list[Decision | None] = [None] * len(buckets)
+    batch = _prepare(buckets, cost, _AsyncBuckets, mode, limit_us)
     try:
-        replies = await _execute_async(client, script, calls) if calls else []
+        batch.unpack(buckets, await _execute_async(batch.client, batch.script, batch.calls) if batch.calls else [])
     except UNAVAILABLE as exc:
         raise BackendUnavailable(_label(buckets), exc) from exc
-    _unpack(calls, replies, buckets, out)
-    for index in alone:
-        out[index] = await buckets[index]._run(mode, costs[index], limit_us)
-    return [d for d in out if d is not None]
+    for index in batch.alone:
+        batch.out[index] = await buckets[index]._run(mode, batch.costs[index], limit_us)
+    return batch.decisions()
 
 
 async def _execute_async(client: Any, script: Any, calls: list[_Call]) -> list[Any]:
