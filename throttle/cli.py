@@ -146,7 +146,10 @@ def _name(value: str) -> str:
         raise click.BadParameter(str(exc).removeprefix("NAME: ")) from exc
 
 
-@click.group(help=__doc__.split("::")[0].strip() if __doc__ else None)
+@click.group(
+    help="Look at and change a running fleet's limits: list, inspect, set, unset, pause, resume, reset, "
+    "watch, metrics.  Redis: --redis-url or $THROTTLE_REDIS_URL; prefix: --prefix or $THROTTLE_PREFIX."
+)
 @click.option("--redis-url", default=None, help="where the buckets live (default: $THROTTLE_REDIS_URL)")
 @click.option("--prefix", default=None, help="key prefix of the fleet (default: $THROTTLE_PREFIX or 'throttle')")
 @click.pass_context
