@@ -153,7 +153,7 @@ def _execute(client: Any, script: Any, calls: list[_Call]) -> list[Any]:
         return results
 
     results = send(calls)
-    missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+    missing = _no_script(results)
     if missing:
         # SCRIPT FLUSH, a restart or a failover: those calls did not run.
         if is_cluster(client):
@@ -162,6 +162,16 @@ def _execute(client: Any, script: Any, calls: list[_Call]) -> list[Any]:
             client.script_load(script.script)
         for i, result in zip(missing, send([calls[i] for i in missing]), strict=True):
             results[i] = result
+    return _checked(results)
+
+
+def _no_script(results: list[Any]) -> list[int]:
+    """Which calls the server refused for not knowing the script."""
+    return [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+
+
+def _checked(results: list[Any]) -> list[Any]:
+    """The replies, or the first error among them raised."""
     for result in results:
         if isinstance(result, Exception):
             raise result
@@ -241,6 +251,8 @@ async def _many_async(
 
 
 async def _execute_async(client: Any, script: Any, calls: list[_Call]) -> list[Any]:
+    """``_execute`` for a ``redis.asyncio.Redis`` (cluster clients decide one by one)."""
+
     async def send(todo: list[_Call]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for call in todo:
@@ -249,18 +261,12 @@ async def _execute_async(client: Any, script: Any, calls: list[_Call]) -> list[A
         return results
 
     results = await send(calls)
-    missing = [i for i, r in enumerate(results) if isinstance(r, redis.exceptions.NoScriptError)]
+    missing = _no_script(results)
     if missing:
-        if is_cluster(client):
-            await client.script_load(script.script, target_nodes=client.ALL_NODES)
-        else:
-            await client.script_load(script.script)
+        await client.script_load(script.script)
         for i, result in zip(missing, await send([calls[i] for i in missing]), strict=True):
             results[i] = result
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
+    return _checked(results)
 
 
 async def consume_many_async(buckets: Sequence[_AsyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 from .checks import check_cost, check_key, check_prefix, check_seconds, full_key, seconds_to_us
 from .errors import BackendUnavailable, ReservationRefused
@@ -25,8 +28,6 @@ from .script import gcra_source, script_args
 from .transaction import run_transaction
 
 if TYPE_CHECKING:
-    from redis.cluster import RedisCluster
-
     SyncRedis = redis.Redis | RedisCluster
 
 __all__ = ["Decision", "TokenBucket", "MultiBucket", "RedisTokenBucket", "UNAVAILABLE", "DEFAULT_MAX_WAIT"]
@@ -123,32 +124,26 @@ STATUS_SCRIPT = "return {redis.call('TIME'), redis.call('MGET', unpack(KEYS))}"
 
 def is_cluster(client: object) -> bool:
     """Whether ``client`` is a redis-py Redis Cluster client (sync or asyncio)."""
-    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-    from redis.cluster import RedisCluster
-
     return isinstance(client, (RedisCluster, AsyncRedisCluster))
+
+
+def _slot(key: str | bytes) -> int:
+    return key_slot(key.encode() if isinstance(key, str) else key)
 
 
 def _slot_groups(client: object, buckets: Sequence[_Bucket]) -> list[list[_Bucket]]:
     """The buckets grouped by Redis Cluster slot, in order; one group elsewhere."""
     if not is_cluster(client):
         return [list(buckets)]
-    from redis.crc import key_slot
-
     groups: dict[int, list[_Bucket]] = {}
     for bucket in buckets:
-        key = bucket.key.encode() if isinstance(bucket.key, str) else bucket.key
-        groups.setdefault(key_slot(key), []).append(bucket)
+        groups.setdefault(_slot(bucket.key), []).append(bucket)
     return list(groups.values())
 
 
 def _batch_slot(client: object, keys: Sequence[str | bytes]) -> int:
     """Which batch call a decision on ``keys`` can join: its cluster slot, or 0."""
-    if not is_cluster(client):
-        return 0
-    from redis.crc import key_slot
-
-    return key_slot(keys[0].encode() if isinstance(keys[0], str) else keys[0])
+    return _slot(keys[0]) if is_cluster(client) else 0
 
 
 def _combine(decisions: Sequence[Decision]) -> Decision:
@@ -245,8 +240,7 @@ class _SyncBuckets(_Buckets):
         self._setup(buckets)
         self.strategy: Strategy = strategy
         self._script = client.register_script(gcra_source())
-        self._cluster = is_cluster(client)
-        self._status_script = client.register_script(STATUS_SCRIPT) if self._cluster else None
+        self._status_script = client.register_script(STATUS_SCRIPT) if is_cluster(client) else None
         # On Redis Cluster, buckets in different slots cannot share a script
         # call: each slot's buckets are decided in turn (see _run_split).
         groups = _slot_groups(client, buckets)

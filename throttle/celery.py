@@ -39,7 +39,7 @@ from .connect import client_from_url
 from .errors import BackendUnavailable, RateLimited, ThrottleError
 from .limit import Limit
 from .live import LiveLimits, LiveState, versioned
-from .metrics import MetricsRecorder
+from .metrics import MetricsRecorder, limit_of
 
 __all__ = [
     "ThrottledTask",
@@ -178,7 +178,6 @@ class _Effective:
     enforce: tuple[tuple[str, Limit], ...]  # (bucket name, limit) decided before the body
     shadow: tuple[tuple[str, Limit], ...]  # (bucket name, limit) only counted
     versions: str  # the enforced limits' versions, e.g. "0,3": a booked slot's stamp
-    limit_names: tuple[str, ...]  # the limits' own names, for metrics
     pause_left: float  # seconds left of an operator's pause (the longest)
 
 
@@ -246,7 +245,6 @@ class _Runtime:
             tuple(enforce),
             tuple(shadow),
             ",".join(versions),
-            tuple(nl.name for nl in plan.limits),
             max(state.pause_left(nl.name) for nl in plan.limits),
         )
 
@@ -509,8 +507,8 @@ class _Gate:
     def _admitted(self, paid: str) -> None:
         if self.shadow is not None:
             self._shadow_check()
+        self._count(f"admitted:{paid}")
         if self.runtime.metrics is not None:
-            self.runtime.metrics.count(self.limit_names, f"admitted:{paid}")
             waited = max(0.0, time.time() - self.since) if self.since is not None else 0.0
             self.runtime.metrics.wait(self.limit_names, waited)
         logger.debug("%s[%s] admitted by %s (%s)", self.task.name, self.task.request.id, ",".join(self.names), paid)
@@ -531,7 +529,7 @@ class _Gate:
             self.task.name, self.task.request.id, decision.retry_after, ",".join(shadow_names),
         )  # fmt: skip
         if self.runtime.metrics is not None:
-            self.runtime.metrics.count([n.split(":", 1)[0].split("@", 1)[0] for n in shadow_names], "shadow_refused")
+            self.runtime.metrics.count([limit_of(n) for n in shadow_names], "shadow_refused")
         signals.shadow_refused.send(
             sender=self.task, task_id=self.task.request.id, limits=shadow_names, wait=decision.retry_after
         )

@@ -23,6 +23,7 @@ is full, so at most one extra burst passes at the moment of a change.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -80,11 +81,17 @@ class Override:
         return cls(data.get("rate"), data.get("burst"), data.get("mode"))
 
     def apply(self, limit: Limit, mode: str) -> tuple[Limit, str]:
-        """The effective (limit, mode) over the configured ones."""
-        if self.rate is None and self.burst is None:
-            return limit, self.mode or mode
-        rate: Any = self.rate if self.rate is not None else limit.rate
-        return Limit(rate, self.burst if self.burst is not None else limit.burst), self.mode or mode
+        """The effective (limit, mode) over the configured ones (cached: the
+        gate asks for every task, the answer changes only with the override)."""
+        return _apply(self, limit, mode)
+
+
+@functools.lru_cache(maxsize=1024)
+def _apply(override: Override, limit: Limit, mode: str) -> tuple[Limit, str]:
+    if override.rate is None and override.burst is None:
+        return limit, override.mode or mode
+    rate: Any = override.rate if override.rate is not None else limit.rate
+    return Limit(rate, override.burst if override.burst is not None else limit.burst), override.mode or mode
 
 
 @dataclass(frozen=True)
