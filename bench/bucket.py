@@ -37,7 +37,7 @@ from bench.limiters import (
     seed_client_clock,
     throttle_bucket,
 )
-from throttle.embedded_redis import RedisServer
+from throttle.testing.redis_server import RedisServer
 
 RATE, BURST = 200.0, 20
 HIGH_RATE, HIGH_BURST = 100_000.0, 1000

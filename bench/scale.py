@@ -37,8 +37,8 @@ from rich.table import Table
 from bench.hammer import HammerResult, hammer
 from bench.limiters import throttle_bucket, throttle_many_keys
 from throttle import Limit, TokenBucket, consume_many
-from throttle.embedded_cluster import EmbeddedCluster
-from throttle.embedded_redis import RedisServer
+from throttle.testing.cluster import EmbeddedCluster
+from throttle.testing.redis_server import RedisServer
 
 RATE, BURST = 1000.0, 100
 PROCESS_COUNTS = (1, 2, 4, 8, 16)

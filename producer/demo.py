@@ -29,11 +29,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from throttle.embedded_redis import RedisServer, free_port
+from throttle.keys import stats_key
 from throttle.limit import parse_rate
+from throttle.testing.processes import Children
+from throttle.testing.redis_server import RedisServer, free_port
+from worker.config import worker_env
 
 from .load import PATTERNS, LoadPlan, producer_app, send_load
-from .processes import Children
 from .report import RunResult, plot_runs, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +116,7 @@ class Demo:
 
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
-        pid = self.children.start(
+        pid = self.children.spawn(
             "api",
             [sys.executable, "-m", "worker.mock_api", "--port", str(port), "--rate", setup.limit,
              "--burst", str(setup.burst), "--mode", setup.api_mode],
@@ -127,7 +129,7 @@ class Demo:
         pids = []
         for i in range(setup.workers):
             pids.append(
-                self.children.start(
+                self.children.spawn(
                     f"worker{i}",
                     [
                         sys.executable,
@@ -158,22 +160,17 @@ class Demo:
 
     @property
     def stats_key(self) -> str:
-        return f"{self.prefix}:demo:stats"
+        return stats_key(self.prefix)
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            BROKER_URL=self.redis_url,
-            THROTTLE_REDIS_URL=self.redis_url,
-            THROTTLE_LIMITS=json.dumps({"api": {"rate": self.setup.limit, "burst": self.setup.burst}}),
-            THROTTLE_PREFIX=self.prefix,
-            WORKER_QUEUE=self.queue,
+        limits = {"api": {"rate": self.setup.limit, "burst": self.setup.burst}}
+        return worker_env(
+            self.redis_url, self.redis_url, limits, self.prefix, self.queue,
             API_URL=self.api_url,
             BUILTIN_RATE_LIMIT=self.setup.limit,
-            PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        )
-        return env
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )  # fmt: skip
 
     # -- one run -------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.mock_api import peak_in_window, per_second
+from throttle.testing.windows import peak_in_window, per_second
 
 __all__ = ["RunResult", "summarise", "plot_runs"]
 

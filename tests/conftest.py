@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tests.engines import ENGINES, Engine
-from throttle.embedded_redis import RedisServer
+from throttle.testing.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")

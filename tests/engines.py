@@ -15,7 +15,7 @@ import redis
 import redis.asyncio
 
 from throttle import AsyncMultiBucket, AsyncTokenBucket, Decision, MultiBucket, TokenBucket
-from throttle.checks import full_key
+from throttle.keys import bucket_key
 
 ENGINES = ("script", "transaction", "async")
 
@@ -70,7 +70,7 @@ class Engine:
 
     def key(self, name: str | bytes) -> str | bytes:
         """The Redis key of the bucket called ``name``."""
-        return full_key(self.prefix, name)
+        return bucket_key(self.prefix, name)
 
     def multi(self, buckets: Sequence[Bucket]) -> Bucket:
         if self._loop is not None:

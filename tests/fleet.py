@@ -6,10 +6,8 @@ its pool children too, and nothing else on the machine is touched.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from throttle.keys import stats_key
+from throttle.testing.processes import spawn, stop_groups
+from worker.config import worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,19 +62,13 @@ class Fleet:
 
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            BROKER_URL=self.broker_url,
-            THROTTLE_REDIS_URL=self.throttle_redis_url,
-            THROTTLE_LIMITS=json.dumps(self.limits),
-            THROTTLE_PREFIX=f"throttle-{self.queue}",
-            WORKER_QUEUE=self.queue,
+        return worker_env(
+            self.broker_url, self.throttle_redis_url, self.limits, f"throttle-{self.queue}", self.queue,
             RECORD_URL=self.record_url,
             RECORD_KEY=self.record_key,
             PYTHONPATH=str(ROOT),
             **self.extra_env,
-        )
-        return env
+        )  # fmt: skip
 
     def producer(self) -> Any:
         """A plain Celery app on the fleet's broker, to send tasks by name."""
@@ -101,19 +97,15 @@ class Fleet:
         return self
 
     def start_worker(self, index: int) -> subprocess.Popen[bytes]:
-        assert self.log_dir is not None
-        log = open(self.log_dir / f"worker{index}.log", "ab")  # noqa: SIM115 - closed with the process
+        log_dir = self.log_dir or Path("/tmp") / f"throttle-{self.queue}"
         args = [
             sys.executable, "-m", "celery", "-A", self.app_module, "worker",
             "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
             "-n", f"w{index}-{self.queue}@%h", "-l", "info",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
-        proc = subprocess.Popen(
-            args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.processes.append(proc)
+        proc = spawn(args, self.env, log_dir / f"worker{index}.log", cwd=ROOT)
+        self.processes.insert(index, proc)
         return proc
 
     def revive(self) -> int:
@@ -131,7 +123,7 @@ class Fleet:
     def ready_count(self) -> int:
         if self.app_module == "worker.app":  # the reference worker counts itself in its stats
             stats = redis.Redis.from_url(self.throttle_redis_url)
-            return int(stats.hget(f"throttle-{self.queue}:demo:stats", "workers_ready") or 0)
+            return int(stats.hget(stats_key(f"throttle-{self.queue}"), "workers_ready") or 0)
         return int(redis.Redis.from_url(self.record_url).get(f"{self.record_key}:ready") or 0)
 
     def wait_ready(self, count: int, timeout: float = 60.0) -> None:
@@ -147,16 +139,7 @@ class Fleet:
 
     def stop(self, timeout: float = 20.0) -> None:
         """Warm shutdown (SIGTERM) of each worker's process group, then SIGKILL."""
-        for proc in self.processes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the group: pool children too
-            proc.wait()
+        stop_groups(self.processes, timeout)
         self.processes.clear()
 
     def records(self) -> list[dict[str, Any]]:

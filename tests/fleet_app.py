@@ -20,7 +20,7 @@ from celery.signals import task_failure, worker_ready
 
 from throttle import RateLimited
 from throttle.celery import ThrottledTask
-from throttle.signals import backend_error, task_admitted, task_deferred
+from throttle.celery.signals import backend_error, task_admitted, task_deferred
 from worker.config import celery_config
 
 app = Celery("throttle-fleet-test")

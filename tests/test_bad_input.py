@@ -21,7 +21,7 @@ from celery import Celery
 from tests.fleet import ROOT
 from throttle import Limit, RateLimited, RedisTokenBucket, TokenBucket, parse_rate
 from throttle.celery import ThrottledTask
-from throttle.celery_settings import ThrottleSettings
+from throttle.celery.settings import ThrottleSettings
 
 BAD = {
     "zero": 0,

@@ -21,7 +21,7 @@ from throttle import (
     peek_many,
 )
 from throttle.batch import CHUNK
-from throttle.embedded_redis import RedisServer
+from throttle.testing.redis_server import RedisServer
 
 
 def commands(r: redis.Redis, name: str) -> int:

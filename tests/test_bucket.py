@@ -21,7 +21,7 @@ from throttle import (
     ReservationRefused,
     TokenBucket,
 )
-from throttle.embedded_redis import RedisServer, free_port
+from throttle.testing.redis_server import RedisServer, free_port
 
 # A decision takes well under this on loopback, even on a loaded machine; it
 # is the slack allowed between two decisions that should see the same state.

@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from throttle import TokenBucket
-from throttle.celery_settings import parse_limits
+from throttle.celery.settings import parse_limits
 from throttle.cli import parse_duration
-from throttle.embedded_redis import free_port
 from throttle.live import LiveLimits
 from throttle.metrics import MetricsRecorder
+from throttle.testing.redis_server import free_port
 
 SCRIPT = str(Path(sys.executable).parent / "throttle")
 

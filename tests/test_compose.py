@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from producer.processes import Children
-from throttle.embedded_redis import free_port
+from throttle.testing.processes import Children
+from throttle.testing.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -80,14 +80,14 @@ def test_compose_services_work_together(redis_url: str, tmp_path: Path) -> None:
         return env
 
     with Children(tmp_path / "logs") as children:
-        children.start("api", _local(services["api"]["command"], {"0.0.0.0": "127.0.0.1", "8080": str(api_port)}),
+        children.spawn("api", _local(services["api"]["command"], {"0.0.0.0": "127.0.0.1", "8080": str(api_port)}),
                        environment("api"), cwd=ROOT)  # fmt: skip
         metrics_port = free_port()
         metrics_command = _local(services["metrics"]["command"], {"9464": str(metrics_port)})
-        children.start("metrics", [*metrics_command, "--host", "127.0.0.1"], environment("metrics"), cwd=ROOT)
+        children.spawn("metrics", [*metrics_command, "--host", "127.0.0.1"], environment("metrics"), cwd=ROOT)
         for i in range(2):
             command = [*services["worker"]["command"], "-n", f"compose{i}-{queue}@%h"]
-            children.start(f"worker{i}", _local(command, {}), environment("worker"), cwd=ROOT)
+            children.spawn(f"worker{i}", _local(command, {}), environment("worker"), cwd=ROOT)
         producer = subprocess.run(
             _local(services["producer"]["command"], {}), env=environment("producer"), cwd=ROOT,
             capture_output=True, text=True, timeout=180, check=False,

@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from throttle import BackendUnavailable, TokenBucket
-from throttle.celery_settings import ThrottleSettings
-from throttle.embedded_redis import RedisServer
+from throttle.celery.settings import ThrottleSettings
+from throttle.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.faults
 

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from tests.fleet import SYSTEM_REDIS_BROKER, Fleet, broker_available
-from tests.test_celery_fleet import max_in_window
-from throttle.embedded_redis import RedisServer
+from throttle.testing.redis_server import RedisServer
+from throttle.testing.windows import peak_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.fleet, pytest.mark.slow]
 
@@ -58,8 +58,8 @@ def test_bucket_redis_restart_mid_run(fleets: list[Fleet], redis_url: str, resta
     assert after, "work went on after the restart"
     # A restart forgets the bucket: it is full again, so one more burst (5)
     # may pass on top of the tasks that had booked their slots already.
-    assert max_in_window(after) <= 25 + 5
-    assert max_in_window([t for t in after if t > restarted_at + 2]) <= 25
+    assert peak_in_window(after) <= 25 + 5
+    assert peak_in_window([t for t in after if t > restarted_at + 2]) <= 25
 
 
 def test_broker_redis_restart_mid_run(fleets: list[Fleet], redis_url: str) -> None:
@@ -94,7 +94,7 @@ def test_broker_redis_restart_mid_run(fleets: list[Fleet], redis_url: str) -> No
         twice = [i for i, n in ran.items() if n > 1]
         first_run = {r["id"]: r["t"] for r in reversed(records)}
         assert all(restart_began - 1 <= first_run[i] <= restart_ended + 1 for i in twice), twice
-        assert max_in_window([r["t"] for r in records]) <= 25
+        assert peak_in_window([r["t"] for r in records]) <= 25
         print(f"broker restart: revived {revived} workers, {len(twice)} ran twice, "
               f"last task {max(r['t'] for r in records) - restart_ended:.1f}s after the restart")  # fmt: skip
     finally:
@@ -128,17 +128,17 @@ def test_soak_ten_thousand_tasks(fleets: list[Fleet], redis_url: str, tmp_path: 
     and no bucket key outlives its refill."""
     import sys
 
-    from producer.processes import Children
     from tests.fleet import ROOT
-    from throttle.embedded_redis import free_port
-    from worker.mock_api import peak_in_window
+    from throttle.testing.processes import Children
+    from throttle.testing.redis_server import free_port
+    from throttle.testing.windows import peak_in_window
 
     rate, burst, tasks = 50, 10, 10_000
     api_port = free_port()
     bucket_server = RedisServer().start()
     children = Children(tmp_path / "logs")
     try:
-        children.start(
+        children.spawn(
             "api",
             [sys.executable, "-m", "worker.mock_api", "--port", str(api_port), "--rate", f"{rate}/s",
              "--burst", str(burst), "--mode", "window"],
@@ -179,7 +179,7 @@ def test_soak_ten_thousand_tasks(fleets: list[Fleet], redis_url: str, tmp_path: 
         keys = list(bucket.scan_iter(count=1000))
         # Left: the demo counters, the metrics and the published config (all
         # with a TTL); no bucket.
-        kept = (b":demo:stats", b":metrics:", b":{live}:configured")
+        kept = (b":~demo:stats", b":~metrics:", b":~{live}:configured")
         assert [k for k in keys if not any(part in k for part in kept)] == [], keys[:10]
         assert all(bucket.ttl(k) > 0 for k in keys)
         assert baseline_keys == 0

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.processes import Children
 from tests.fleet import ROOT
-from tests.test_celery_fleet import max_in_window
-from throttle.embedded_redis import RedisServer
+from throttle.testing.processes import Children
+from throttle.testing.redis_server import RedisServer
+from throttle.testing.windows import peak_in_window
 
 pytestmark = [pytest.mark.faults, pytest.mark.fleet, pytest.mark.slow]
 
@@ -127,7 +127,7 @@ def test_hosts_with_shifted_clocks_hold_the_limit(hosts: Hosts | None, tmp_path:
                       "-Q", queue, "-n", f"h{i}-{queue}@%h", "--without-gossip", "--without-mingle",
                       "--without-heartbeat", "-l", "info"]  # fmt: skip
             prefix = ["ip", "netns", "exec", hosts.names[i]] if hosts else []
-            children.start(f"host{i}", [*prefix, *worker], env, cwd=ROOT)
+            children.spawn(f"host{i}", [*prefix, *worker], env, cwd=ROOT)
         client = redis.Redis.from_url(server.url)
         deadline = time.monotonic() + 90
         while int(client.get(f"{record_key}:ready") or 0) < len(SKEWS):
@@ -153,8 +153,8 @@ def test_hosts_with_shifted_clocks_hold_the_limit(hosts: Hosts | None, tmp_path:
         skews = {round(r["local_t"] - r["t"]) for r in records}
         assert skews >= {-5, 5}, f"the hosts' clocks were not shifted: {skews}"
         starts = sorted(r["t"] for r in records)  # on the Redis clock
-        assert max_in_window(starts) <= 25
-        print(f"hosts ({'netns' if hosts else 'process groups'}): peak {max_in_window(starts)} "
+        assert peak_in_window(starts) <= 25
+        print(f"hosts ({'netns' if hosts else 'process groups'}): peak {peak_in_window(starts)} "
               f"span {starts[-1] - starts[0]:.1f}s skews {sorted(skews)} "
               f"most deferrals {max(r['deferrals'] for r in records)}")  # fmt: skip
     finally:

@@ -20,8 +20,9 @@ import pytest
 import redis
 
 from tests.fleet import ROOT, SYSTEM_REDIS_BROKER, Fleet, broker_available
-from tests.test_celery_fleet import max_in_window
-from throttle.embedded_redis import free_port
+from throttle.keys import stats_key
+from throttle.testing.redis_server import free_port
+from throttle.testing.windows import peak_in_window
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -93,12 +94,12 @@ def test_set_changes_the_rate_within_two_seconds(fleets: list[Fleet], redis_url:
     assert set(ran) == set(ids) and max(ran.values()) == 1
     assert [p.pid for p in fleet.processes] == pids and all(p.poll() is None for p in fleet.processes)
     before = [t for t in times if t < changed_at]
-    assert max_in_window(before[5:]) <= 5 + 1  # the old limit held
+    assert peak_in_window(before[5:]) <= 5 + 1  # the old limit held
     # From 2 s after the change: the new rate, 20/s (a 4 s window: 80, +-10 %).
     after = count_between(times, changed_at + 2, changed_at + 6)
     print(f"live set: {count_between(times, changed_at - 4, changed_at) / 4:.1f}/s before, {after / 4:.1f}/s after")
     assert 72 <= after <= 88 + 5, after
-    assert max_in_window([t for t in times if t >= changed_at]) <= 20 + 5 + 5  # + one fresh burst at the change
+    assert peak_in_window([t for t in times if t >= changed_at]) <= 20 + 5 + 5  # + one fresh burst at the change
     assert fleet.counts("deferred").get("changed", 0) > 0  # slots booked at 5/s were booked again
 
 
@@ -122,7 +123,7 @@ def test_pause_stops_bodies_within_a_second(fleets: list[Fleet], redis_url: str)
     print(f"pause: last body {max(t for t in times if t < resumed_at) - paused_at:.2f}s after the pause, "
           f"first {first_after - resumed_at:.2f}s after the resume")  # fmt: skip
     assert first_after - resumed_at < 5  # waiting tasks look again every 2 s
-    assert max_in_window([t for t in times if t >= resumed_at]) <= 20 + 5
+    assert peak_in_window([t for t in times if t >= resumed_at]) <= 20 + 5
     assert fleet.counts("deferred").get("paused", 0) > 0
 
 
@@ -136,7 +137,7 @@ def test_shadow_mode_counts_but_never_defers(fleets: list[Fleet], redis_url: str
     assert fleet.counts("deferred") == {}, "shadow mode deferred a task"
     span = times[-1] - times[0]
     allowed = 1 + 5 * span  # what the limit would have let through meanwhile
-    assert max_in_window(times) > 5 + 1, "the load exceeded the limit"
+    assert peak_in_window(times) > 5 + 1, "the load exceeded the limit"
     time.sleep(2.5)  # metrics reach Redis once a second
     info = json.loads(cli(fleet, "inspect", "api", "--json"))["api"]
     refused = info["metrics"]["shadow_refused"]
@@ -148,12 +149,12 @@ def test_shadow_mode_counts_but_never_defers(fleets: list[Fleet], redis_url: str
 def test_metrics_match_the_api_counts(fleets: list[Fleet], redis_url: str, tmp_path: Any) -> None:
     """Scraped during a fleet run of the reference worker against the mock API:
     admitted = requests the API saw; deferred = what the workers' signals counted."""
-    from producer.processes import Children
+    from throttle.testing.processes import Children
 
     api_port, metrics_port = free_port(), free_port()
     children = Children(tmp_path / "logs")
     try:
-        children.start(
+        children.spawn(
             "api", [sys.executable, "-m", "worker.mock_api", "--port", str(api_port), "--rate", "20/s", "--burst", "5"],
             dict(os.environ), cwd=ROOT,
         )  # fmt: skip
@@ -162,7 +163,7 @@ def test_metrics_match_the_api_counts(fleets: list[Fleet], redis_url: str, tmp_p
             fleets, redis_url, limits, app_module="worker.app", extra_env={"API_URL": f"http://127.0.0.1:{api_port}"}
         )
         env = {**os.environ, "THROTTLE_REDIS_URL": redis_url, "THROTTLE_PREFIX": f"throttle-{fleet.queue}"}
-        children.start("metrics", [SCRIPT, "metrics", "--port", str(metrics_port), "--host", "127.0.0.1"], env,
+        children.spawn("metrics", [SCRIPT, "metrics", "--port", str(metrics_port), "--host", "127.0.0.1"], env,
                        cwd=ROOT)  # fmt: skip
 
         def scrape() -> dict[str, float]:
@@ -197,7 +198,7 @@ def test_metrics_match_the_api_counts(fleets: list[Fleet], redis_url: str, tmp_p
         time.sleep(2.5)  # one flush interval and more
         final = scrape()
         api = api_stats()
-        stats = redis.Redis.from_url(redis_url).hgetall(f"throttle-{fleet.queue}:demo:stats")
+        stats = redis.Redis.from_url(redis_url).hgetall(stats_key(f"throttle-{fleet.queue}"))
         deferred_by_signals = int(stats.get(b"deferred", 0))
         print(f"metrics: admitted {final['throttle_admitted']:.0f} (API saw {api['requests']}), deferred "
               f"{final['throttle_deferred']:.0f} (signals counted {deferred_by_signals})")  # fmt: skip

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from throttle import BackendUnavailable, TokenBucket
-from throttle.celery_settings import ThrottleSettings
+from throttle.celery.settings import ThrottleSettings
 from throttle.connect import client_from_url
-from throttle.embedded_redis import RedisServer, find_redis_server, free_port
+from throttle.testing.redis_server import RedisServer, find_redis_server, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.slow]
 

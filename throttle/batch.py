@@ -16,19 +16,19 @@ trip per node).  A ``MultiBucket`` whose buckets span slots, and buckets with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import redis.exceptions
 
-from .bucket import DEFAULT_MAX_WAIT, UNAVAILABLE, Decision, _Buckets, _SyncBuckets, is_cluster
+from ._core import DEFAULT_MAX_WAIT, UNAVAILABLE, Decidable, Decision, is_cluster
+from .aio import AsyncBuckets
+from .bucket import SyncBuckets
 from .checks import check_seconds, seconds_to_us
 from .errors import BackendUnavailable
 from .gcra import Mode
-
-if TYPE_CHECKING:
-    from .aio import _AsyncBuckets
+from .script import REPLY_LEN
 
 __all__ = [
     "consume_many",
@@ -44,31 +44,30 @@ __all__ = [
 #: bucket), so a huge batch is cut into calls of this size.
 CHUNK = 500
 
-_BATCH = 5  # the script's batch mode
-_B = TypeVar("_B", bound=_Buckets)
-
 
 class _Call:
     """One EVALSHA of the batch mode: its keys, its args and whose replies they are."""
 
     def __init__(self, mode: Mode, limit_us: int) -> None:
         self.keys: list[str | bytes] = []
-        self.args: list[int] = [_BATCH, int(mode), limit_us]
+        self.args: list[int] = [int(Mode.BATCH), int(mode), limit_us]
         self.owners: list[int] = []  # index into the caller's list, per decision
 
-    def add(self, index: int, bucket: _Buckets, cost: int) -> None:
-        self.keys.extend(bucket._keys)
+    def add(self, index: int, bucket: Decidable, cost: int) -> None:
+        self.keys.extend(bucket.plan.keys)
         self.args.append(cost)
-        self.args.extend(bucket._batch_args)
+        self.args.extend(bucket.plan.batch_args)
         self.owners.append(index)
 
 
-def _plan(buckets: Sequence[_B], costs: Sequence[int], mode: Mode, limit_us: int) -> tuple[list[_Call], list[int]]:
+def _plan(
+    buckets: Sequence[Decidable], costs: Sequence[int], mode: Mode, limit_us: int
+) -> tuple[list[_Call], list[int]]:
     """The script calls for ``buckets``, and the indices to decide one by one."""
     alone: list[int] = []
     by_slot: dict[int, list[_Call]] = {}
     for index, (bucket, cost) in enumerate(zip(buckets, costs, strict=True)):
-        slot: int | None = getattr(bucket, "_batch_slot", None)
+        slot = bucket.batch_slot
         if slot is None:  # spans cluster slots, or strategy="transaction"
             alone.append(index)
             continue
@@ -88,17 +87,17 @@ def _check(buckets: Sequence[Any], cost: int | Sequence[int], kind: type) -> lis
     for bucket in buckets:
         if not isinstance(bucket, kind):
             raise TypeError(f"buckets must be {kind.__name__} instances, got {type(bucket).__name__}")
-    if buckets and any(b._redis is not buckets[0]._redis for b in buckets):
+    if buckets and any(b.redis is not buckets[0].redis for b in buckets):
         raise ValueError("buckets must share one redis client to be decided in one round trip")
     if isinstance(cost, Sequence):
         if len(cost) != len(buckets):
             raise ValueError(f"cost must be one number or one per bucket ({len(buckets)}), got {len(cost)}")
-        return [b._cost(c) for b, c in zip(buckets, cost, strict=True)]
-    return [b._cost(cost) for b in buckets]
+        return [b.plan.cost(c) for b, c in zip(buckets, cost, strict=True)]
+    return [b.plan.cost(cost) for b in buckets]
 
 
-def _label(buckets: Sequence[_Buckets]) -> str:
-    return f"{len(buckets)} buckets ({buckets[0]._label}, ...)" if buckets else "no buckets"
+def _label(buckets: Sequence[Decidable]) -> str:
+    return f"{len(buckets)} buckets ({buckets[0].plan.label}, ...)" if buckets else "no buckets"
 
 
 @dataclass
@@ -112,10 +111,10 @@ class _Batch:
     costs: list[int]
     out: list[Decision | None]
 
-    def unpack(self, buckets: Sequence[_Buckets], replies: list[Any]) -> None:
+    def unpack(self, buckets: Sequence[Decidable], replies: list[Any]) -> None:
         for call, reply in zip(self.calls, replies, strict=True):
             for j, index in enumerate(call.owners):
-                self.out[index] = buckets[index]._decision(reply[7 * j : 7 * j + 7])
+                self.out[index] = buckets[index].plan.decision(reply[REPLY_LEN * j : REPLY_LEN * (j + 1)])
 
     def decisions(self) -> list[Decision]:
         return [d for d in self.out if d is not None]
@@ -124,19 +123,26 @@ class _Batch:
 def _prepare(buckets: Sequence[Any], cost: int | Sequence[int], kind: type, mode: Mode, limit_us: int) -> _Batch:
     costs = _check(buckets, cost, kind)
     calls, alone = _plan(buckets, costs, mode, limit_us) if buckets else ([], [])
-    client = buckets[0]._redis if buckets else None
-    script = buckets[0]._script if buckets else None
+    client = buckets[0].redis if buckets else None
+    script = buckets[0].script if buckets else None
     return _Batch(client, script, calls, alone, costs, [None] * len(buckets))
 
 
-def _many(buckets: Sequence[_SyncBuckets], cost: int | Sequence[int], mode: Mode, limit_us: int) -> list[Decision]:
-    batch = _prepare(buckets, cost, _SyncBuckets, mode, limit_us)
+#: How a bucket that cannot join a batch call is decided alone (its own method).
+_Alone = Callable[[SyncBuckets, int], Decision]
+_AloneAsync = Callable[[AsyncBuckets, int], Awaitable[Decision]]
+
+
+def _many(
+    buckets: Sequence[SyncBuckets], cost: int | Sequence[int], mode: Mode, limit_us: int, alone: _Alone
+) -> list[Decision]:
+    batch = _prepare(buckets, cost, SyncBuckets, mode, limit_us)
     try:
         batch.unpack(buckets, _execute(batch.client, batch.script, batch.calls) if batch.calls else [])
     except UNAVAILABLE as exc:
         raise BackendUnavailable(_label(buckets), exc) from exc
     for index in batch.alone:
-        batch.out[index] = buckets[index]._run(mode, batch.costs[index], limit_us)
+        batch.out[index] = alone(buckets[index], batch.costs[index])
     return batch.decisions()
 
 
@@ -213,40 +219,38 @@ def _send_cluster(client: Any, script: Any, calls: list[_Call]) -> list[Any]:
     return results
 
 
-def consume_many(buckets: Sequence[_SyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
+def consume_many(buckets: Sequence[SyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
     """``bucket.consume(cost)`` for every bucket, in one round trip; the decisions in order.
 
     ``cost`` is one number for all or one per bucket.  The buckets
     (``TokenBucket`` or ``MultiBucket``) must share one redis client.
     """
-    return _many(buckets, cost, Mode.CONSUME, 0)
+    return _many(buckets, cost, Mode.CONSUME, 0, SyncBuckets.consume)
 
 
-def peek_many(buckets: Sequence[_SyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
+def peek_many(buckets: Sequence[SyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
     """``bucket.peek(cost)`` for every bucket, in one round trip."""
-    return _many(buckets, cost, Mode.PEEK, 0)
+    return _many(buckets, cost, Mode.PEEK, 0, SyncBuckets.peek)
 
 
 def book_many(
-    buckets: Sequence[_SyncBuckets], cost: int | Sequence[int] = 1, max_wait: float = DEFAULT_MAX_WAIT
+    buckets: Sequence[SyncBuckets], cost: int | Sequence[int] = 1, max_wait: float = DEFAULT_MAX_WAIT
 ) -> list[Decision]:
     """``bucket.book(cost, max_wait)`` for every bucket, in one round trip."""
     wait_us = seconds_to_us(check_seconds(max_wait, "max_wait"))
-    return _many(buckets, cost, Mode.RESERVE, wait_us)
+    return _many(buckets, cost, Mode.RESERVE, wait_us, lambda bucket, checked: bucket.book(checked, max_wait))
 
 
 async def _many_async(
-    buckets: Sequence[_AsyncBuckets], cost: int | Sequence[int], mode: Mode, limit_us: int
+    buckets: Sequence[AsyncBuckets], cost: int | Sequence[int], mode: Mode, limit_us: int, alone: _AloneAsync
 ) -> list[Decision]:
-    from .aio import _AsyncBuckets
-
-    batch = _prepare(buckets, cost, _AsyncBuckets, mode, limit_us)
+    batch = _prepare(buckets, cost, AsyncBuckets, mode, limit_us)
     try:
         batch.unpack(buckets, await _execute_async(batch.client, batch.script, batch.calls) if batch.calls else [])
     except UNAVAILABLE as exc:
         raise BackendUnavailable(_label(buckets), exc) from exc
     for index in batch.alone:
-        batch.out[index] = await buckets[index]._run(mode, batch.costs[index], limit_us)
+        batch.out[index] = await alone(buckets[index], batch.costs[index])
     return batch.decisions()
 
 
@@ -269,19 +273,21 @@ async def _execute_async(client: Any, script: Any, calls: list[_Call]) -> list[A
     return _checked(results)
 
 
-async def consume_many_async(buckets: Sequence[_AsyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
+async def consume_many_async(buckets: Sequence[AsyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
     """``consume_many`` for ``AsyncTokenBucket`` / ``AsyncMultiBucket``."""
-    return await _many_async(buckets, cost, Mode.CONSUME, 0)
+    return await _many_async(buckets, cost, Mode.CONSUME, 0, AsyncBuckets.consume)
 
 
-async def peek_many_async(buckets: Sequence[_AsyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
+async def peek_many_async(buckets: Sequence[AsyncBuckets], cost: int | Sequence[int] = 1) -> list[Decision]:
     """``peek_many`` for asyncio buckets."""
-    return await _many_async(buckets, cost, Mode.PEEK, 0)
+    return await _many_async(buckets, cost, Mode.PEEK, 0, AsyncBuckets.peek)
 
 
 async def book_many_async(
-    buckets: Sequence[_AsyncBuckets], cost: int | Sequence[int] = 1, max_wait: float = DEFAULT_MAX_WAIT
+    buckets: Sequence[AsyncBuckets], cost: int | Sequence[int] = 1, max_wait: float = DEFAULT_MAX_WAIT
 ) -> list[Decision]:
     """``book_many`` for asyncio buckets."""
     wait_us = seconds_to_us(check_seconds(max_wait, "max_wait"))
-    return await _many_async(buckets, cost, Mode.RESERVE, wait_us)
+    return await _many_async(
+        buckets, cost, Mode.RESERVE, wait_us, lambda bucket, checked: bucket.book(checked, max_wait)
+    )

@@ -9,50 +9,32 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_key", "check_cost", "check_seconds", "full_key", "has_hash_tag", "MAX_WAIT_SECONDS"]
+from .keys import RESERVED
+from .limit import MAX_WAIT_SECONDS, US_PER_S
 
-#: Longest reservation or pause the bucket accepts (mirrors SANE_DEBT_US).
-MAX_WAIT_SECONDS = 86400.0
+__all__ = ["check_key", "check_prefix", "check_cost", "check_seconds", "seconds_to_us"]
 
 
 def check_key(value: object, name: str = "key") -> str | bytes:
-    """A bucket name: a non-empty str or bytes (any characters, passed via KEYS)."""
+    """A bucket name: a non-empty str or bytes (any characters, passed via KEYS).
+
+    Names starting with ``~`` are throttle's own key space (``throttle.keys``).
+    """
     if isinstance(value, (str, bytes)):
         if not value:
             raise ValueError(f"{name} must not be empty, got {value!r}")
+        first = value[:1].decode(errors="replace") if isinstance(value, bytes) else value[:1]
+        if first == RESERVED:
+            raise ValueError(f"{name} must not start with {RESERVED!r} (throttle's own keys do), got {value!r}")
         return value
     raise TypeError(f"{name} must be a str or bytes, got {type(value).__name__} {value!r}")
 
 
-def check_prefix(value: object) -> str:
+def check_prefix(value: object, name: str = "prefix") -> str:
+    """A key prefix: any str ('' means bucket keys exactly as named)."""
     if not isinstance(value, str):
-        raise TypeError(f"prefix must be a str, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
     return value
-
-
-def has_hash_tag(key: str | bytes) -> bool:
-    """Whether Redis Cluster would hash ``key`` by a ``{tag}`` inside it."""
-    raw = key.encode() if isinstance(key, str) else key
-    start = raw.find(b"{")
-    return start >= 0 and raw.find(b"}", start + 2) > start
-
-
-def full_key(prefix: str, name: str | bytes) -> str | bytes:
-    """``<prefix>:{<name>}``, the Redis key of bucket ``name``.
-
-    The braces are a Redis Cluster hash tag: a bucket's key and its pause
-    marker (``<key>:paused``) land in one slot, and different names spread
-    over the shards.  A name that has a tag already keeps it, so buckets meant
-    to be decided together can share one (``{acme}:api``, ``{acme}:mail``).
-    An empty prefix uses the name exactly as given.  Bytes names stay bytes
-    so that non-UTF-8 keys survive.
-    """
-    if not prefix:
-        return name
-    if isinstance(name, bytes):
-        tagged = name if has_hash_tag(name) else b"{" + name + b"}"
-        return prefix.encode() + b":" + tagged
-    return f"{prefix}:{name}" if has_hash_tag(name) else f"{prefix}:{{{name}}}"
 
 
 def check_cost(value: object, burst: int, name: str = "cost") -> int:
@@ -81,4 +63,4 @@ def check_seconds(value: object, name: str, upper: float = MAX_WAIT_SECONDS) -> 
 
 def seconds_to_us(seconds: float) -> int:
     """Seconds to whole microseconds, rounded up (never shorten a wait)."""
-    return math.ceil(seconds * 1_000_000)
+    return math.ceil(seconds * US_PER_S)

@@ -27,19 +27,19 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 import click
 import redis
 
-from .bucket import TokenBucket
-from .celery_settings import check_limit_name
-from .checks import MAX_WAIT_SECONDS
-from .connect import client_from_url, redact
-from .limit import Limit
-from .live import MODES, LiveLimits, LiveState, Override, versioned
-from .metrics import ThrottleCollector, read_metrics, summarise
+from .connect import SCHEMES, SINGLE, client_from_url, redact
+from .keys import LIMIT_NAME
+from .limit import MAX_WAIT_SECONDS, MODES, LimitMode
+from .live import LiveLimits, Override
+from .metrics import read_metrics, summarise
+from .prometheus import ThrottleCollector
+from .status import LimitStatus, WatchRow, WatchSampler, describe
 
 __all__ = ["main", "cli", "parse_duration"]
 
@@ -67,7 +67,7 @@ def default_redis_url() -> str:
     if url:
         return url
     broker = os.environ.get("BROKER_URL", "")
-    return broker if broker.startswith(("redis://", "rediss://", "unix://")) else "redis://localhost:6379/0"
+    return broker if broker.startswith(SINGLE) else "redis://localhost:6379/0"
 
 
 @dataclass
@@ -86,52 +86,19 @@ class Context:
     def live(self) -> LiveLimits:
         return LiveLimits(self.client, self.prefix)
 
-    def describe(self, only: str | None = None, key: str | None = None) -> dict[str, dict[str, Any]]:
-        """Every known limit (or one): configured, override, effective values, tokens."""
-        live = self.live
-        configured = live.configured()
-        state = live.read()
-        names = sorted(set(configured) | set(state.overrides) | set(state.versions) | set(state.paused_until))
-        if only is not None:
-            names = [only]
-        return {name: self._one(name, configured.get(name), state, key) for name in names}
-
-    def _one(self, name: str, config: dict[str, Any] | None, state: LiveState, key: str | None) -> dict[str, Any]:
-        override = state.overrides.get(name)
-        base = Limit(config["rate"], config["burst"]) if config else None
-        mode = (config or {}).get("mode", "enforce")
-        effective: Limit | None = base
-        if override is not None:
-            if base is None:
-                base = Limit(override.rate or 1, override.burst or 1)
-            effective, mode = override.apply(base, mode)
-        version = state.versions.get(name, 0)
-        per_key = bool((config or {}).get("per_key", False))
-        info: dict[str, Any] = {
-            "configured": config,
-            "override": json.loads(override.to_json()) if override else None,
-            "rate": effective.rate if effective else None,
-            "burst": effective.burst if effective else None,
-            "mode": mode,
-            "per_key": per_key,
-            "version": version,
-            "pause_left": round(state.pause_left(name), 3),
-            "bucket": None,
-            "tokens": None,
-        }
-        if effective is not None and (key is not None or not per_key):
-            bucket_name = versioned(name, version) + (f":{key}" if key is not None else "")
-            bucket = TokenBucket(self.client, bucket_name, rate=effective, prefix=self.prefix)
-            decision = bucket.peek()
-            info["bucket"] = bucket.key if isinstance(bucket.key, str) else bucket.key.decode(errors="replace")
-            info["tokens"] = decision.remaining
-            info["next_token_in"] = round(decision.retry_after, 6)
-            info["full_in"] = round(decision.reset_after, 6)
-        return info
+    def describe(self, only: str | None = None, key: str | None = None) -> dict[str, LimitStatus]:
+        """Every known limit (or one), in force now, with its bucket's tokens."""
+        return describe(self.client, self.prefix, only, key)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
     raise click.exceptions.Exit(_say(message, code))
+
+
+def _require(done: bool, failure: str) -> None:
+    """Exit 1 with ``failure`` unless ``done`` (the change had something to act on)."""
+    if not done:
+        _fail(failure, 1)
 
 
 def _say(message: str, code: int) -> int:
@@ -140,10 +107,9 @@ def _say(message: str, code: int) -> int:
 
 
 def _name(value: str) -> str:
-    try:
-        return check_limit_name(value, "NAME")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc).removeprefix("NAME: ")) from exc
+    if not LIMIT_NAME.match(value):
+        raise click.BadParameter(f"limit name {value!r} must be letters, digits, '_', '.' or '-'")
+    return value
 
 
 @click.group(
@@ -156,24 +122,23 @@ def _name(value: str) -> str:
 def cli(ctx: click.Context, redis_url: str | None, prefix: str | None) -> None:
     url = redis_url or default_redis_url()
     _current_url[0] = url
-    if not url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://",
-                           "redis+sentinel://", "rediss+sentinel://")):  # fmt: skip
+    if not url.startswith(SCHEMES):
         raise click.BadParameter(f"not a Redis URL: {redact(url)!r}", param_hint="--redis-url")
     ctx.obj = Context(url, prefix if prefix is not None else os.environ.get("THROTTLE_PREFIX", "throttle"))
 
 
-def _limits_table(described: dict[str, dict[str, Any]]) -> Any:
+def _limits_table(described: dict[str, LimitStatus]) -> Any:
     from rich.table import Table
 
     table = Table(title="throttle limits")
     for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "version"):
         table.add_column(col, justify="left" if col in ("limit", "mode", "source") else "right")
-    for name, info in described.items():
-        source = "live override" if info["override"] else ("config" if info["configured"] else "unknown")
-        tokens = "per key" if info["per_key"] and info["tokens"] is None else _fmt(info["tokens"])
-        paused = f"{info['pause_left']:.0f}s" if info["pause_left"] else ""
-        table.add_row(name, _fmt(info["rate"]), _fmt(info["burst"]), info["mode"], source, tokens, paused,
-                      str(info["version"]))  # fmt: skip
+    for name, status in described.items():
+        f = status.in_force
+        tokens = "per key" if f.per_key and status.tokens is None else _fmt(status.tokens)
+        paused = f"{f.pause_left:.0f}s" if f.pause_left else ""
+        table.add_row(name, _fmt(status.rate), _fmt(status.burst), f.mode, status.source, tokens, paused,
+                      str(f.version))  # fmt: skip
     return table
 
 
@@ -192,7 +157,7 @@ def list_(obj: Context, as_json: bool) -> None:
     """Configured and live limits, with the tokens in each bucket now."""
     described = obj.describe()
     if as_json:
-        click.echo(json.dumps(described, indent=2))
+        click.echo(json.dumps({name: status.as_json() for name, status in described.items()}, indent=2))
         return
     from rich.console import Console
 
@@ -211,9 +176,10 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
     """One limit: configured and live values, its bucket's tokens, its counters."""
     if key is not None and not key:
         raise click.BadParameter("must not be empty", param_hint="--key")
-    info = obj.describe(only=name, key=key)[name]
-    if info["configured"] is None and info["override"] is None:
+    status = obj.describe(only=name, key=key)[name]
+    if status.in_force.configured is None and status.in_force.override is None:
         _fail(f"unknown limit {name!r}: not in any worker's config and not set live")
+    info = status.as_json()
     info["metrics"] = summarise(read_metrics(obj.client, obj.prefix, [name])[name])
     if as_json:
         click.echo(json.dumps({name: info}, indent=2))
@@ -221,7 +187,7 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(_limits_table({name: info}))
+    console.print(_limits_table({name: status}))
     for field in ("configured", "override", "bucket", "next_token_in", "full_in"):
         if info.get(field) is not None:
             console.print(f"{field}: {info[field]}")
@@ -242,7 +208,7 @@ def _known(obj: Context, name: str, force: bool) -> None:
 @click.option("--mode", type=click.Choice(MODES), default=None, help="enforce, or shadow (count, never defer)")
 @click.option("--force", is_flag=True, help="also for a limit no worker has published")
 @click.pass_obj
-def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: str | None, force: bool) -> None:
+def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: LimitMode | None, force: bool) -> None:
     """Override a limit's rate, burst or mode for the whole fleet, now."""
     if rate is None and burst is None and mode is None:
         raise click.UsageError("give at least one of --rate, --burst, --mode")
@@ -252,8 +218,8 @@ def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: str
         raise click.BadParameter(str(exc), param_hint="--rate/--burst") from exc
     _known(obj, name, force)
     version = obj.live.set(name, rate, burst, mode)
-    info = obj.describe(only=name)[name]
-    click.echo(f"{name}: {_fmt(info['rate'])}/s burst {info['burst']} mode {info['mode']} (version {version})")
+    status = obj.describe(only=name)[name]
+    click.echo(f"{name}: {_fmt(status.rate)}/s burst {status.burst} mode {status.in_force.mode} (version {version})")
 
 
 @cli.command()
@@ -261,9 +227,10 @@ def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: str
 @click.pass_obj
 def unset(obj: Context, name: str) -> None:
     """Remove a live override: back to the configured limit."""
-    if not obj.live.unset(name):
-        _fail(f"{name!r} has no live override", 1)
-    click.echo(f"{name}: back to the configured limit")
+    _require(obj.live.unset(name), f"{name!r} has no live override")
+    status = obj.describe(only=name)[name]
+    rate = "no configured rate" if status.rate is None else f"{_fmt(status.rate)}/s burst {status.burst}"
+    click.echo(f"{name}: back to the configured limit, {rate} (version {status.in_force.version})")
 
 
 @cli.command()
@@ -287,9 +254,9 @@ def pause(obj: Context, name: str, duration: str, force: bool) -> None:
 @click.pass_obj
 def resume(obj: Context, name: str) -> None:
     """End a pause now."""
-    if not obj.live.resume(name):
-        _fail(f"{name!r} is not paused", 1)
-    click.echo(f"{name}: resumed")
+    left = obj.live.read().pause_left(name)
+    _require(obj.live.resume(name), f"{name!r} is not paused")
+    click.echo(f"{name}: resumed, {left:.0f}s before the pause would have ended")
 
 
 @cli.command()
@@ -301,10 +268,10 @@ def reset(obj: Context, name: str, key: str | None) -> None:
     if key is not None:
         if not key:
             raise click.BadParameter("must not be empty", param_hint="--key")
-        info = obj.describe(only=name, key=key)[name]
-        if info["bucket"] is None:
+        status = obj.describe(only=name, key=key)[name]
+        if status.bucket is None:
             _fail(f"unknown limit {name!r}")
-        obj.client.delete(info["bucket"])
+        obj.client.delete(status.bucket)
         click.echo(f"{name}: bucket of {key!r} is full again")
         return
     _known(obj, name, force=False)
@@ -325,53 +292,28 @@ def watch(obj: Context, interval: float, count: int | None, as_json: bool) -> No
     from rich.live import Live
     from rich.table import Table
 
-    previous: dict[str, dict[str, float]] = {}
-    previous_at = time.monotonic()
+    sampler = WatchSampler(obj.client, obj.prefix)
 
-    def sample() -> dict[str, dict[str, Any]]:
-        nonlocal previous, previous_at
-        described = obj.describe()
-        counters = {n: summarise(m) for n, m in read_metrics(obj.client, obj.prefix, described).items()}
-        now = time.monotonic()
-        elapsed = max(1e-6, now - previous_at)
-        rows: dict[str, dict[str, Any]] = {}
-        for name, info in described.items():
-            cur, old = counters[name], previous.get(name, counters[name])
-            waited = cur["wait_count"] - old["wait_count"]
-            rows[name] = {
-                "admitted_per_s": (cur["admitted"] - old["admitted"]) / elapsed,
-                "deferred_per_s": (cur["deferred"] - old["deferred"]) / elapsed,
-                "shadow_refused_per_s": (cur["shadow_refused"] - old["shadow_refused"]) / elapsed,
-                "mean_wait_s": (cur["wait_sum"] - old["wait_sum"]) / waited if waited else 0.0,
-                "tokens": info["tokens"],
-                "rate": info["rate"],
-                "burst": info["burst"],
-                "mode": info["mode"],
-                "pause_left": info["pause_left"],
-                "admitted_total": cur["admitted"],
-                "deferred_total": cur["deferred"],
-            }
-        previous, previous_at = counters, now
-        return rows
-
-    def table(rows: dict[str, dict[str, Any]]) -> Table:
+    def table(rows: dict[str, WatchRow]) -> Table:
         t = Table(title=f"throttle watch ({redact(obj.url)}, every {interval:g}s)")
         for col in ("limit", "rate/s", "admitted/s", "deferred/s", "mean wait", "tokens", "mode", "paused"):
             t.add_column(col, justify="left" if col in ("limit", "mode") else "right")
         for name, r in rows.items():
             t.add_row(
-                name, _fmt(r["rate"]), f"{r['admitted_per_s']:.1f}", f"{r['deferred_per_s']:.1f}",
-                f"{r['mean_wait_s']:.2f}s", _fmt(r["tokens"]), r["mode"],
-                f"{r['pause_left']:.0f}s" if r["pause_left"] else "",
+                name, _fmt(r.rate), f"{r.admitted_per_s:.1f}", f"{r.deferred_per_s:.1f}",
+                f"{r.mean_wait_s:.2f}s", _fmt(r.tokens), r.mode, f"{r.pause_left:.0f}s" if r.pause_left else "",
             )  # fmt: skip
         return t
+
+    def sample() -> dict[str, WatchRow]:
+        return sampler.sample()
 
     sample()  # the baseline for the first rates
     done = 0
     if as_json:
         while count is None or done < count:
             time.sleep(interval)
-            click.echo(json.dumps(sample()))
+            click.echo(json.dumps({name: asdict(row) for name, row in sample().items()}))
             done += 1
         return
     with Live(table({}), console=Console(), auto_refresh=False) as live:
@@ -393,12 +335,8 @@ def metrics(obj: Context, port: int, host: str) -> None:
         _fail("throttle metrics needs prometheus-client: pip install 'throttle[metrics]'", 1)
 
     obj.live.read()  # fail now, with one line, if Redis is not there
-
-    def describe() -> dict[str, dict[str, Any]]:
-        return obj.describe()
-
     registry = CollectorRegistry()
-    registry.register(ThrottleCollector(obj.client, obj.prefix, describe))
+    registry.register(ThrottleCollector(obj.client, obj.prefix))
     server, _ = start_http_server(port, addr=host, registry=registry)
     click.echo(f"serving throttle metrics on http://{host}:{port}/metrics", err=True)
     stop: list[int] = []

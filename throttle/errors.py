@@ -3,11 +3,18 @@
 One base class, ``ThrottleError``, so callers can catch everything the limiter
 itself raises.  Bad arguments and bad configuration are not ``ThrottleError``:
 they raise ``ValueError``/``TypeError`` naming the parameter, like any Python API.
+
+Every error keeps its data as attributes (``retry_after``, the key...) and its
+constructor's arguments as ``args``: errors cross process boundaries (the
+prefork pool) and result backends, which rebuild an exception as
+``type(*args)``, so they must come back whole, not as a plain ``Exception``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 __all__ = [
     "ThrottleError",
@@ -15,56 +22,53 @@ __all__ = [
     "Contention",
     "ReservationRefused",
     "RateLimited",
+    "ThrottleDeferralExpired",
 ]
 
 
 class ThrottleError(Exception):
     """Base class of every error the limiter raises at run time."""
 
+    def __post_init__(self: Any) -> None:
+        # Dataclass subclasses: their fields are the exception's args.
+        Exception.__init__(self, *(getattr(self, f.name) for f in fields(self)))
 
+
+@dataclass(eq=False)
 class BackendUnavailable(ThrottleError):
     """Redis could not be reached or could not answer; ``cause`` says why.
 
     The limiter cannot tell whether a call is allowed, so it says so instead of
     guessing; the Celery gate turns this into its ``throttle_on_backend_error``
-    policy.
+    policy.  ``cause`` is the Redis error (a string once it crossed a result
+    backend that serializes to JSON).
     """
 
-    def __init__(self, key: str, cause: BaseException) -> None:
-        super().__init__(f"rate-limit backend unavailable for {key!r}: {type(cause).__name__}: {cause}")
-        self.key = key
-        self.cause = cause
+    key: str
+    cause: BaseException | str
 
-    def __reduce__(self) -> tuple[type[BackendUnavailable], tuple[str, BaseException]]:
-        # Errors cross process boundaries (prefork pool, result backends).
-        return (type(self), (self.key, self.cause))
+    def __str__(self) -> str:
+        cause = self.cause if isinstance(self.cause, str) else f"{type(self.cause).__name__}: {self.cause}"
+        return f"rate-limit backend unavailable for {self.key!r}: {cause}"
 
 
-class Contention(ThrottleError):
-    """The transaction engine lost its optimistic race too many times in a row."""
-
-    def __init__(self, key: str, attempts: int) -> None:
-        super().__init__(f"bucket {key!r} still contended after {attempts} WATCH attempts")
-        self.key = key
-        self.attempts = attempts
-
-    def __reduce__(self) -> tuple[type[Contention], tuple[str, int]]:
-        return (type(self), (self.key, self.attempts))
-
-
+@dataclass(eq=False)
 class ReservationRefused(ThrottleError):
-    """``reserve()`` would have to wait longer than ``max_wait``; nothing was booked."""
+    """``reserve()`` would have to wait longer than ``max_wait``; nothing was booked.
 
-    def __init__(self, key: str, wait: float, max_wait: float) -> None:
-        super().__init__(f"bucket {key!r} has no slot within max_wait={max_wait:g}s (next in {wait:.3f}s)")
-        self.key = key
-        self.wait = wait
-        self.max_wait = max_wait
+    ``wait`` is how far the next free slot is: call again with a larger
+    ``max_wait``, or give the work up (``book()`` says the same as a value).
+    """
 
-    def __reduce__(self) -> tuple[type[ReservationRefused], tuple[str, float, float]]:
-        return (type(self), (self.key, self.wait, self.max_wait))
+    key: str
+    wait: float
+    max_wait: float
+
+    def __str__(self) -> str:
+        return f"bucket {self.key!r} has no slot within max_wait={self.max_wait:g}s (next in {self.wait:.3f}s)"
 
 
+@dataclass(eq=False)
 class RateLimited(ThrottleError):
     """Raise from a task body when the remote API answers "too many requests".
 
@@ -73,13 +77,32 @@ class RateLimited(ThrottleError):
     the shared bucket for the whole fleet and defers itself.
     """
 
-    def __init__(self, retry_after: float = 1.0, message: str | None = None) -> None:
-        if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
-            raise TypeError(f"retry_after must be a number of seconds, got {retry_after!r}")
-        if math.isnan(retry_after) or math.isinf(retry_after) or retry_after < 0:
-            raise ValueError(f"retry_after must be a finite number of seconds >= 0, got {retry_after!r}")
-        super().__init__(message or f"remote API rate limit hit; retry after {retry_after:g}s")
-        self.retry_after = float(retry_after)
+    retry_after: float = 1.0
+    message: str | None = None
 
-    def __reduce__(self) -> tuple[type[RateLimited], tuple[float, str]]:
-        return (type(self), (self.retry_after, str(self)))
+    def __post_init__(self) -> None:
+        value = self.retry_after
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"retry_after must be a number of seconds, got {value!r}")
+        if math.isnan(value) or math.isinf(value) or value < 0:
+            raise ValueError(f"retry_after must be a finite number of seconds >= 0, got {value!r}")
+        self.retry_after = float(value)
+        super().__post_init__()
+
+    def __str__(self) -> str:
+        return self.message or f"remote API rate limit hit; retry after {self.retry_after:g}s"
+
+
+@dataclass(eq=False)
+class Contention(ThrottleError):
+    """The transaction engine lost its optimistic race too many times in a row."""
+
+    key: str
+    attempts: int
+
+    def __str__(self) -> str:
+        return f"bucket {self.key!r} still contended after {self.attempts} WATCH attempts"
+
+
+class ThrottleDeferralExpired(ThrottleError):
+    """A task would wait longer than ``throttle_max_defer`` in total; it fails."""

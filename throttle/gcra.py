@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .limit import Limit
+from .limit import MAX_WAIT_SECONDS, US_PER_S, Limit
 
 __all__ = ["Mode", "Outcome", "decide", "SANE_DEBT_US"]
 
 #: Mirrors SANE_DEBT_US in the script: a TAT further than tau plus this from
 #: now was not written by throttle (the longest reservation/pause is a day).
-SANE_DEBT_US = 86400 * 1_000_000
+SANE_DEBT_US = MAX_WAIT_SECONDS * US_PER_S
 
 
 class Mode(IntEnum):
@@ -30,6 +30,7 @@ class Mode(IntEnum):
     RESERVE = 2
     PAUSE = 3
     REFUND = 4  # give back tokens taken by a multi-slot decision refused later
+    BATCH = 5  # many independent decisions in one call (throttle.batch)
 
 
 @dataclass(frozen=True)

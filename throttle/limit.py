@@ -12,8 +12,18 @@ import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Literal
 
-__all__ = ["Limit", "parse_rate", "MAX_RATE", "MAX_BUCKET_SECONDS"]
+__all__ = [
+    "Limit",
+    "NamedLimit",
+    "LimitMode",
+    "MODES",
+    "parse_rate",
+    "MAX_RATE",
+    "MAX_BUCKET_SECONDS",
+    "MAX_WAIT_SECONDS",
+]
 
 US_PER_S = 1_000_000
 
@@ -25,6 +35,14 @@ MAX_RATE = 1_000_000.0
 #: every timestamp the script handles far below 2**53 microseconds, where Lua's
 #: doubles stop being exact integers.  Ten years is beyond any real limit.
 MAX_BUCKET_SECONDS = 10 * 365 * 86400
+
+#: Longest reservation or pause (one day).  The script treats a stored TAT
+#: further than tau plus this from now as corrupted (its SANE_DEBT_US).
+MAX_WAIT_SECONDS = 86400
+
+#: "enforce" defers tasks over the limit; "shadow" only counts and logs them.
+LimitMode = Literal["enforce", "shadow"]
+MODES: tuple[LimitMode, ...] = ("enforce", "shadow")
 
 _UNITS = {
     "s": 1,
@@ -128,17 +146,22 @@ class Limit:
         object.__setattr__(self, "interval_us", interval_us)
         object.__setattr__(self, "tau_us", interval_us * checked_burst)
 
-    @classmethod
-    def coerce(cls, value: Limit | str | float | int, burst: int = 1) -> Limit:
-        """Accept a ready ``Limit`` or build one from a rate and a burst."""
-        if isinstance(value, Limit):
-            return value
-        return cls(value, burst)
-
-    @property
-    def refill_seconds(self) -> float:
-        """Time for an empty bucket to become full again."""
-        return self.tau_us / US_PER_S
-
     def __str__(self) -> str:
         return f"{self.rate:g}/s burst {self.burst}"
+
+
+@dataclass(frozen=True)
+class NamedLimit:
+    """A limit with a name: the bucket every task naming it shares.
+
+    ``per_key``: when a task gives ``throttle_key``, this limit is split into
+    one bucket per key (True, the default) or stays one bucket for all keys
+    (False: a global quota decided together with per-tenant ones).
+    ``mode``: "enforce" (the default) defers tasks over the limit; "shadow"
+    only counts and logs them, so a new limit can be tried in production.
+    """
+
+    name: str
+    limit: Limit
+    per_key: bool = True
+    mode: LimitMode = "enforce"

@@ -6,12 +6,17 @@ state at most every ``REFRESH_S`` seconds (one round trip) and uses it for
 its next decisions.  The Celery config stays the fallback: removing the
 override (``throttle unset``) goes back to it.
 
-Keys, all under one hash tag so they live in one Redis Cluster slot:
+Keys (``throttle.keys.LiveKeys``), all under one hash tag so they live in one
+Redis Cluster slot, in throttle's own key space where no bucket can land:
 
-- ``<prefix>:{live}:overrides``  hash  limit -> JSON {"rate", "burst", "mode"}
-- ``<prefix>:{live}:versions``   hash  limit -> how many times it changed
-- ``<prefix>:{live}:paused``     hash  limit -> end of the pause, Redis time in us
-- ``<prefix>:{live}:configured`` hash  limit -> JSON of the limit in the workers' config
+- ``<prefix>:~{live}:overrides``  hash  limit -> JSON {"rate", "burst", "mode"}
+- ``<prefix>:~{live}:versions``   hash  limit -> how many times it changed
+- ``<prefix>:~{live}:paused``     hash  limit -> end of the pause, Redis time in us
+- ``<prefix>:~{live}:configured`` hash  limit -> JSON of the limit in the workers' config
+
+``LiveState.in_force`` is the one answer to "what is this limit now?" (the
+configured limit, the override over it, its version and pause): the Celery
+gate, the CLI and the metrics collector all ask it.
 
 A change bumps the limit's version, and the version is part of its buckets'
 names (``api@3``, ``api@3:tenant``): the new limit starts from a fresh bucket
@@ -25,15 +30,22 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from .limit import Limit
+from redis.exceptions import RedisError
 
-__all__ = ["LiveLimits", "LiveState", "Override", "MODES", "REFRESH_S", "versioned"]
+from . import script as scripts
+from .keys import LiveKeys, bucket_name
+from .limit import MODES, Limit, LimitMode, NamedLimit
+
+__all__ = ["LiveLimits", "LiveState", "InForce", "Override", "REFRESH_S", "STATE_TTL_S"]
+
+logger = logging.getLogger("throttle")
 
 #: Workers re-read the live state at most this often (seconds).
 REFRESH_S = 0.5
@@ -42,21 +54,6 @@ REFRESH_S = 0.5
 #: last change (an override stays until ``throttle unset``: it is config).
 STATE_TTL_S = 30 * 86400
 
-#: "enforce" defers tasks over the limit; "shadow" only counts them.
-MODES = ("enforce", "shadow")
-
-
-#: The live state in one round trip: Redis' clock and the three hashes.
-READ_SCRIPT = """
-return {redis.call('TIME'), redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3])}
-"""
-
-
-def versioned(name: str, version: int) -> str:
-    """The bucket name of limit ``name`` at ``version`` (0: as configured)."""
-    return name if version == 0 else f"{name}@{version}"
-
 
 @dataclass(frozen=True)
 class Override:
@@ -64,7 +61,7 @@ class Override:
 
     rate: str | None = None
     burst: int | None = None
-    mode: str | None = None
+    mode: LimitMode | None = None
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -80,18 +77,45 @@ class Override:
         data = json.loads(raw)
         return cls(data.get("rate"), data.get("burst"), data.get("mode"))
 
-    def apply(self, limit: Limit, mode: str) -> tuple[Limit, str]:
+    def apply(self, limit: Limit | None, mode: LimitMode) -> tuple[Limit, LimitMode]:
         """The effective (limit, mode) over the configured ones (cached: the
-        gate asks for every task, the answer changes only with the override)."""
+        gate asks for every task, the answer changes only with the override).
+        With no configured limit, the override's own values (1 where unset)."""
         return _apply(self, limit, mode)
 
 
 @functools.lru_cache(maxsize=1024)
-def _apply(override: Override, limit: Limit, mode: str) -> tuple[Limit, str]:
+def _apply(override: Override, limit: Limit | None, mode: LimitMode) -> tuple[Limit, LimitMode]:
+    if limit is None:
+        limit = Limit(override.rate or 1, override.burst or 1)
     if override.rate is None and override.burst is None:
         return limit, override.mode or mode
     rate: Any = override.rate if override.rate is not None else limit.rate
     return Limit(rate, override.burst if override.burst is not None else limit.burst), override.mode or mode
+
+
+@dataclass(frozen=True)
+class InForce:
+    """One limit as the fleet runs it now.
+
+    ``limit`` is None only for a name that neither the config nor an override
+    gives a rate (a pause or a version alone).  ``override_error`` says why a
+    hand-written override was ignored.
+    """
+
+    name: str
+    configured: NamedLimit | None
+    override: Override | None
+    limit: Limit | None
+    mode: LimitMode
+    per_key: bool
+    version: int
+    pause_left: float
+    override_error: str | None = None
+
+    def bucket(self, tenant: str | None = None) -> str:
+        """The bucket this limit decides in now (for ``tenant`` if it is split per key)."""
+        return bucket_name(self.name, self.version, tenant if self.per_key else None)
 
 
 @dataclass(frozen=True)
@@ -112,6 +136,33 @@ class LiveState:
         until = self.paused_until.get(name)
         return max(0.0, until - self.now()) if until else 0.0
 
+    def names(self) -> set[str]:
+        """Every limit the live keys mention."""
+        return set(self.overrides) | set(self.versions) | set(self.paused_until)
+
+    def in_force(self, name: str, configured: NamedLimit | None) -> InForce:
+        """Limit ``name`` now: ``configured`` (None if no worker has it) with this state over it."""
+        override = self.overrides.get(name)
+        limit = configured.limit if configured is not None else None
+        mode: LimitMode = configured.mode if configured is not None else "enforce"
+        error = None
+        if override is not None:
+            try:
+                limit, mode = override.apply(limit, mode)
+            except (TypeError, ValueError) as exc:  # checked when set; a hand-written one may be wrong
+                error = str(exc)
+        return InForce(
+            name=name,
+            configured=configured,
+            override=override,
+            limit=limit,
+            mode=mode,
+            per_key=configured.per_key if configured is not None else False,
+            version=self.versions.get(name, 0),
+            pause_left=self.pause_left(name),
+            override_error=error,
+        )
+
 
 def _decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -123,13 +174,13 @@ class LiveLimits:
     def __init__(self, redis: Any, prefix: str, refresh: float = REFRESH_S) -> None:
         self.redis = redis
         self.prefix = prefix
-        base = f"{prefix}:{{live}}" if prefix else "{live}"
-        self.overrides_key = f"{base}:overrides"
-        self.versions_key = f"{base}:versions"
-        self.paused_key = f"{base}:paused"
-        self.configured_key = f"{base}:configured"
+        keys = LiveKeys(prefix)
+        self.overrides_key = keys.overrides
+        self.versions_key = keys.versions
+        self.paused_key = keys.paused
+        self.configured_key = keys.configured
         self.refresh = refresh
-        self._read_script = redis.register_script(READ_SCRIPT)
+        self._read_script = scripts.register(redis, "live_state")
         self._state: LiveState | None = None
         self._lock = threading.Lock()
 
@@ -150,7 +201,7 @@ class LiveLimits:
                 return state
             try:
                 state = self.read()
-            except Exception:
+            except (RedisError, ValueError, TypeError):
                 if self._state is None:
                     raise
                 return self._state
@@ -182,14 +233,11 @@ class LiveLimits:
             read_at=time.monotonic(),
         )
 
-    def publish_configured(self, limits: Mapping[str, Any]) -> None:
-        """Tell the CLI what the workers' config says (``NamedLimit`` values)."""
+    def publish_configured(self, limits: Mapping[str, NamedLimit]) -> None:
+        """Tell the CLI what the workers' config says."""
         if not limits:
             return
-        mapping = {
-            name: json.dumps({"rate": nl.limit.rate, "burst": nl.limit.burst, "per_key": nl.per_key, "mode": nl.mode})
-            for name, nl in limits.items()
-        }
+        mapping = {name: json.dumps(published(nl)) for name, nl in limits.items()}
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.configured_key, mapping=mapping)
         pipe.expire(self.configured_key, STATE_TTL_S)
@@ -197,11 +245,25 @@ class LiveLimits:
 
     # Operators --------------------------------------------------------------
 
-    def configured(self) -> dict[str, dict[str, Any]]:
-        raw = self.redis.hgetall(self.configured_key)
-        return {_decode(k): json.loads(v) for k, v in raw.items()}
+    def configured(self) -> dict[str, NamedLimit]:
+        """The limits the workers published (``publish_configured``); unreadable entries are skipped."""
+        out: dict[str, NamedLimit] = {}
+        for key, raw in self.redis.hgetall(self.configured_key).items():
+            name = _decode(key)
+            try:
+                out[name] = from_published(name, json.loads(raw))
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning("ignoring the published config of %r: %s", name, exc)
+        return out
 
-    def set(self, name: str, rate: str | None = None, burst: int | None = None, mode: str | None = None) -> int:
+    def in_force(self, only: str | None = None) -> dict[str, InForce]:
+        """Every known limit (configured or live), or ``only``, as in force now."""
+        configured = self.configured()
+        state = self.read()
+        names = [only] if only is not None else sorted(set(configured) | state.names())
+        return {name: state.in_force(name, configured.get(name)) for name in names}
+
+    def set(self, name: str, rate: str | None = None, burst: int | None = None, mode: LimitMode | None = None) -> int:
         """Override ``name``'s rate, burst and/or mode; the new version."""
         if rate is None and burst is None and mode is None:
             raise ValueError("give at least one of rate, burst, mode")
@@ -242,3 +304,16 @@ class LiveLimits:
 
     def version(self, name: str) -> int:
         return int(self.redis.hget(self.versions_key, name) or 0)
+
+
+def published(nl: NamedLimit) -> dict[str, Any]:
+    """A configured limit as workers publish it (JSON-ready)."""
+    return {"rate": nl.limit.rate, "burst": nl.limit.burst, "per_key": nl.per_key, "mode": nl.mode}
+
+
+def from_published(name: str, data: Mapping[str, Any]) -> NamedLimit:
+    """The inverse of ``published``."""
+    mode = data.get("mode", "enforce")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return NamedLimit(name, Limit(data["rate"], data["burst"]), bool(data.get("per_key", True)), cast(LimitMode, mode))

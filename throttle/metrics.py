@@ -1,11 +1,11 @@
-"""Per-limit counters, kept in Redis, exported for Prometheus.
+"""Per-limit counters of the gate's decisions, kept in Redis.
 
 Each worker process counts its gate's decisions in memory and adds them to
 Redis once a second (one pipelined HINCRBY per changed field): the gate
 itself stays at one round trip per task, and every process of the fleet adds
-into the same hash, ``<prefix>:metrics:{<limit>}``.  ``throttle metrics
---port N`` reads the hashes at each scrape and serves them with
-prometheus-client, together with each limit's configuration and tokens.
+into the same hash, ``<prefix>:~metrics:{<limit>}`` (``keys.metrics_key``).
+``throttle metrics --port N`` serves them for Prometheus
+(``throttle.prometheus``), with each limit's configuration and tokens.
 
 Fields of a limit's hash:
 
@@ -26,12 +26,15 @@ import atexit
 import logging
 import os
 import threading
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MetricsRecorder", "read_metrics", "ThrottleCollector", "WAIT_BUCKETS", "metrics_key", "limit_of"]
+from redis.exceptions import RedisError
+
+from .keys import metrics_key
+
+__all__ = ["MetricsRecorder", "read_metrics", "summarise", "WAIT_BUCKETS"]
 
 logger = logging.getLogger("throttle")
 
@@ -40,15 +43,6 @@ WAIT_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.
 
 #: Metrics keys expire a week after their last change.
 TTL_S = 7 * 86400
-
-
-def metrics_key(prefix: str, limit: str) -> str:
-    return f"{prefix}:metrics:{{{limit}}}" if prefix else f"metrics:{{{limit}}}"
-
-
-def limit_of(bucket_name: str) -> str:
-    """The limit a bucket name belongs to: ``api@3:tenant`` -> ``api``."""
-    return bucket_name.split(":", 1)[0].split("@", 1)[0]
 
 
 class MetricsRecorder:
@@ -112,7 +106,7 @@ class MetricsRecorder:
             for limit in touched:
                 pipe.expire(metrics_key(self.prefix, limit), TTL_S)
             pipe.execute()
-        except Exception as exc:  # Redis down: keep the counts for the next try
+        except RedisError as exc:  # Redis down: keep the counts for the next try
             logger.debug("throttle metrics not flushed: %s", exc)
             with self._lock:
                 self._counts.update(counts)
@@ -147,78 +141,3 @@ def summarise(fields: Mapping[str, float]) -> dict[str, float]:
         "wait_sum": fields.get("wait_sum", 0.0),
         "wait_count": fields.get("wait_count", 0.0),
     }
-
-
-class ThrottleCollector:
-    """A prometheus-client collector: reads Redis at each scrape.
-
-    ``limits()`` says which limits to report (configured and live); ``state``
-    gives each one's (rate, burst, mode, paused seconds left, tokens or None).
-    """
-
-    def __init__(self, redis: Any, prefix: str, describe_limits: Any) -> None:
-        self.redis = redis
-        self.prefix = prefix
-        self.describe_limits = describe_limits
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-        started = time.monotonic()
-        described: dict[str, dict[str, Any]] = self.describe_limits()
-        metrics = read_metrics(self.redis, self.prefix, described)
-        admitted = CounterMetricFamily(
-            "throttle_admitted", "Task bodies admitted by the gate", labels=["limit", "paid"]
-        )
-        deferred = CounterMetricFamily(
-            "throttle_deferred", "Tasks re-sent with a countdown", labels=["limit", "reason"]
-        )
-        paused = CounterMetricFamily("throttle_paused", "Pauses after a body raised RateLimited", labels=["limit"])
-        errors = CounterMetricFamily(
-            "throttle_backend_errors", "Decisions Redis could not answer", labels=["limit", "policy"]
-        )
-        shadow = CounterMetricFamily(
-            "throttle_shadow_refused", "Tasks a shadow-mode limit would have deferred", labels=["limit"]
-        )
-        wait = HistogramMetricFamily(
-            "throttle_wait_seconds", "Wait of admitted tasks since they first met the gate", labels=["limit"]
-        )
-        rate = GaugeMetricFamily("throttle_limit_rate", "Effective rate, tokens per second", labels=["limit"])
-        burst = GaugeMetricFamily("throttle_limit_burst", "Effective burst, tokens", labels=["limit"])
-        pause_left = GaugeMetricFamily(
-            "throttle_pause_seconds", "Seconds left of an operator's pause", labels=["limit"]
-        )
-        shadow_mode = GaugeMetricFamily(
-            "throttle_limit_shadow", "1 if the limit only counts (shadow mode)", labels=["limit"]
-        )
-        tokens = GaugeMetricFamily(
-            "throttle_tokens", "Tokens in the bucket (limits not split per key)", labels=["limit"]
-        )
-        for name, info in described.items():
-            fields = metrics.get(name, {})
-            for key, value in fields.items():
-                head, _, label = key.partition(":")
-                if head == "admitted":
-                    admitted.add_metric([name, label], value)
-                elif head == "deferred":
-                    deferred.add_metric([name, label], value)
-                elif head == "backend_errors":
-                    errors.add_metric([name, label], value)
-            paused.add_metric([name], fields.get("paused", 0.0))
-            shadow.add_metric([name], fields.get("shadow_refused", 0.0))
-            cumulative, buckets = 0.0, []
-            for bound in WAIT_BUCKETS:
-                cumulative += fields.get(f"wait:{bound:g}", 0.0)
-                buckets.append((f"{bound:g}", cumulative))
-            buckets.append(("+Inf", cumulative + fields.get("wait:+Inf", 0.0)))
-            wait.add_metric([name], buckets, fields.get("wait_sum", 0.0))
-            rate.add_metric([name], info["rate"])
-            burst.add_metric([name], info["burst"])
-            pause_left.add_metric([name], info["pause_left"])
-            shadow_mode.add_metric([name], 1.0 if info["mode"] == "shadow" else 0.0)
-            if info.get("tokens") is not None:
-                tokens.add_metric([name], info["tokens"])
-        scrape = GaugeMetricFamily("throttle_scrape_seconds", "Time to read throttle's state from Redis")
-        scrape.add_metric([], time.monotonic() - started)
-        yield from (admitted, deferred, paused, errors, shadow, wait, rate, burst, pause_left, shadow_mode, tokens)
-        yield scrape

@@ -1,10 +1,16 @@
-"""The Lua script's source and its calling convention, shared by sync and async.
+"""The Lua scripts: their sources, their registration and the bucket script's ARGV.
 
-The script lives in ``throttle/lua/gcra.lua`` as a real file (read once with
-importlib.resources) so it can be read, linted and diffed as Lua.  Clients
-register it with ``register_script``: redis-py sends EVALSHA and reloads the
-script by itself when the server answers NOSCRIPT (after SCRIPT FLUSH, a
-restart or a failover).
+Every script is a real file under ``throttle/lua/`` (read once with
+importlib.resources), headed by its KEYS, ARGV and reply, so it can be read,
+linted and diffed as Lua:
+
+- ``gcra.lua``: every bucket decision (peek, consume, reserve, pause, refund, batch);
+- ``slot_status.lua``: the clock and pause markers for a task back at its slot;
+- ``live_state.lua``: the clock and the live-limit hashes.
+
+Clients register a script with ``register_script``: redis-py sends EVALSHA
+and reloads the source by itself when the server answers NOSCRIPT (after
+SCRIPT FLUSH, a restart or a failover).
 """
 
 from __future__ import annotations
@@ -12,17 +18,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
+from typing import Any, Literal
 
 from .gcra import Mode
 from .limit import Limit
 
-__all__ = ["gcra_source", "script_args"]
+__all__ = ["ScriptName", "source", "register", "gcra_source", "script_args", "REPLY_LEN"]
+
+ScriptName = Literal["gcra", "slot_status", "live_state"]
+
+#: Integers in one decision's reply from ``gcra.lua``.
+REPLY_LEN = 7
 
 
 @cache
+def source(name: ScriptName) -> str:
+    """The Lua source of ``lua/<name>.lua``."""
+    return resources.files("throttle").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+def register(client: Any, name: ScriptName) -> Any:
+    """``client.register_script`` of script ``name`` (sync or asyncio client)."""
+    return client.register_script(source(name))
+
+
 def gcra_source() -> str:
     """The bucket script's Lua source."""
-    return resources.files("throttle").joinpath("lua/gcra.lua").read_text(encoding="utf-8")
+    return source("gcra")
 
 
 def script_args(limits: Sequence[Limit], cost: int, mode: Mode, limit_us: int = 0) -> list[int]:

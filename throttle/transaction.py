@@ -24,6 +24,7 @@ import redis.exceptions
 
 from .errors import Contention
 from .gcra import Mode, Outcome, decide
+from .keys import keys_label
 from .limit import Limit
 
 __all__ = ["run_transaction", "MAX_ATTEMPTS"]
@@ -84,4 +85,4 @@ def run_transaction(
                 time.sleep(random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt)))
             finally:
                 pipe.reset()
-    raise Contention(",".join(k if isinstance(k, str) else k.decode(errors="replace") for k in keys), max_attempts)
+    raise Contention(keys_label(keys), max_attempts)

@@ -27,6 +27,23 @@ from typing import Any
 DEFAULT_LIMITS = {"api": {"rate": "20/s", "burst": 5}}
 
 
+def worker_env(
+    broker_url: str, throttle_redis_url: str, limits: Mapping[str, Any], prefix: str, queue: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a reference worker process: this one's, plus the
+    variables above (the demo and the fleet tests start workers with it)."""
+    env = dict(os.environ)
+    env.update(
+        BROKER_URL=broker_url,
+        THROTTLE_REDIS_URL=throttle_redis_url,
+        THROTTLE_LIMITS=json.dumps(limits),
+        THROTTLE_PREFIX=prefix,
+        WORKER_QUEUE=queue,
+        **extra,
+    )
+    return env
+
+
 def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Celery settings for the reference worker, read from ``env``."""
     env = os.environ if env is None else env

@@ -22,33 +22,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["ApiLimiter", "MockApi", "peak_in_window", "per_second", "main"]
+from throttle.testing.windows import peak_in_window, per_second
 
-
-def peak_in_window(times: Sequence[float], window: float = 1.0) -> int:
-    """The most events in any half-open window of ``window`` seconds."""
-    ordered = sorted(times)
-    best = lo = 0
-    for hi, t in enumerate(ordered):
-        while t - ordered[lo] >= window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
-
-def per_second(times: Sequence[float], start: float) -> list[int]:
-    """Counts per whole second since ``start``."""
-    if not times:
-        return []
-    counts = [0] * (int(max(times) - start) + 1)
-    for t in times:
-        counts[max(0, int(t - start))] += 1
-    return counts
+__all__ = ["ApiLimiter", "MockApi", "main"]
 
 
 class ApiLimiter:

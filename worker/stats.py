@@ -1,7 +1,7 @@
 """Fleet-wide counters of the gate's decisions, kept in Redis for the demo.
 
 Connected to throttle's signals in every worker process: one HINCRBY per
-decision into ``<prefix>:demo:stats``, so the demo can show deferrals per
+decision into ``<prefix>:~demo:stats``, so the demo can show deferrals per
 task for the whole fleet.  (A production fleet would export metrics instead.)
 """
 
@@ -12,9 +12,10 @@ from typing import Any
 import redis
 from celery.signals import worker_ready
 
-from throttle.celery_settings import settings_for
+from throttle import keys
+from throttle.celery.settings import settings_for
+from throttle.celery.signals import backend_error, limit_paused, task_admitted, task_deferred
 from throttle.connect import client_from_url
-from throttle.signals import backend_error, limit_paused, task_admitted, task_deferred
 
 from .app import app
 
@@ -25,7 +26,7 @@ STATS_TTL_S = 86400
 
 
 def stats_key() -> str:
-    return f"{settings_for(app).prefix}:demo:stats"
+    return keys.stats_key(settings_for(app).prefix)
 
 
 def _redis() -> Any:

@@ -34,6 +34,9 @@
 -- Needs Redis >= 5: scripts are replicated by their effects, so reading
 -- TIME before writing is allowed (and replicas get plain SETs).
 
+-- The modes (ARGV[1]); throttle.gcra.Mode holds the same numbers.
+local PEEK, CONSUME, RESERVE, PAUSE, REFUND, BATCH = 0, 1, 2, 3, 4, 5
+
 local time = redis.call('TIME')
 local now = time[1] * 1000000 + time[2]
 
@@ -74,7 +77,7 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
     tats[i] = tat
 
     local new_tat, bucket_wait, ok
-    if mode == 3 then
+    if mode == PAUSE then
       -- Pause: nothing is admitted before now + limit_us; then the bucket is
       -- empty and refills at its rate, so the fleet restarts gently.
       new_tat = now + limit_us + tau - interval
@@ -83,7 +86,7 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
       end
       bucket_wait = new_tat - tau + interval - now
       ok = true
-    elseif mode == 4 then
+    elseif mode == REFUND then
       -- Refund: give back `cost` tokens this caller took a moment ago, when a
       -- decision spanning several Redis Cluster slots was refused in a later
       -- slot.  Never more than a full bucket.
@@ -99,7 +102,7 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
       if bucket_wait < 0 then
         bucket_wait = 0
       end
-      if mode == 2 then
+      if mode == RESERVE then
         ok = bucket_wait <= limit_us
       else
         ok = bucket_wait == 0
@@ -119,7 +122,7 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
     end
   end
 
-  local write = granted == 1 and mode ~= 0
+  local write = granted == 1 and mode ~= PEEK
   local remaining = -1
   local reset = 0
   for i = 1, n do
@@ -127,7 +130,7 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
     if write then
       tat = new_tats[i]
     end
-    if write or (corrupt[i] and mode ~= 0) then
+    if write or (corrupt[i] and mode ~= PEEK) then
       -- Expire when the bucket is full again: an idle bucket costs nothing.
       -- string.format keeps all digits; tostring() would print 1.7e+15.
       local ttl_ms = math.ceil((tat - now) / 1000)
@@ -152,7 +155,7 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
     wait = longest_refusal
   end
 
-  if mode == 3 and with_markers then
+  if mode == PAUSE and with_markers then
     local marker_ms = math.ceil(limit_us / 1000)
     for i = 1, n do
       -- Outlive the pause by the time to refill, so late arrivals see it too.
@@ -166,7 +169,7 @@ end
 
 local mode = tonumber(ARGV[1])
 
-if mode == 5 then
+if mode == BATCH then
   -- Batch: many independent decisions in one call, each all-or-nothing on
   -- its own buckets.  ARGV[2] inner mode (0 peek, 1 consume, 2 reserve),
   -- ARGV[3] limit_us, then per decision: cost, n, (interval, tau) * n; the

@@ -13,8 +13,8 @@ from celery import Celery
 
 from tests.fleet import ROOT
 from throttle.celery import ThrottledTask
-from throttle.celery_settings import ThrottleSettings
-from throttle.embedded_redis import free_port
+from throttle.celery.settings import ThrottleSettings
+from throttle.testing.redis_server import free_port
 
 
 def make_app(**conf: Any) -> Celery:

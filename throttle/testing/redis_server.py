@@ -16,7 +16,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+
+from .processes import Closing
 
 __all__ = ["RedisServer", "find_redis_server", "free_port"]
 
@@ -61,7 +62,7 @@ def _listening(port: int) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(Closing):
     """A redis-server child process on a loopback port; a context manager.
 
     ``restart()`` stops and starts it on the same port with empty memory, as a
@@ -165,11 +166,3 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

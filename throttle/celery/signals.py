@@ -2,7 +2,7 @@
 
 Connect like any Celery signal::
 
-    from throttle.signals import task_deferred
+    from throttle.celery.signals import task_deferred
 
     @task_deferred.connect
     def count(sender, task_id, wait, reason, **kwargs): ...
@@ -21,9 +21,12 @@ __all__ = ["task_admitted", "task_deferred", "limit_paused", "backend_error", "s
 #: or "booked" (the task comes back at a slot it booked earlier).
 task_admitted = Signal(name="throttle_task_admitted")
 
-#: The task was re-sent with a countdown instead of running.  ``reason``:
-#: "empty" (slot booked), "early" (came back before its slot), "paused",
-#: "rate_limited" (the body raised RateLimited), "backend" (Redis down).
+#: The task was re-sent with a countdown instead of running.  ``wait``: the
+#: seconds until it runs (or looks again); ``reason`` (``DeferralReason``):
+#: "empty" (slot booked), "early" (came back before its slot), "late" (came
+#: back too long after it: booked again), "changed" (booked under a limit
+#: changed since: booked again), "paused", "rate_limited" (the body raised
+#: RateLimited), "backend" (Redis down).
 task_deferred = Signal(name="throttle_task_deferred")
 
 #: A body raised RateLimited: the limits were paused for ``seconds``.

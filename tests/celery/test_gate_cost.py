@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.fleet import SYSTEM_REDIS_BROKER, Fleet, broker_available
-from throttle.embedded_redis import RedisServer
+from throttle.testing.redis_server import RedisServer
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 

@@ -11,22 +11,24 @@ naming the setting, when the app is finalized (worker start, first
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from celery import Celery
 
-from .connect import SCHEMES, redact
-from .limit import Limit
+from ..checks import check_prefix
+from ..connect import SCHEMES, SINGLE, redact
+from ..keys import LIMIT_NAME
+from ..limit import MAX_WAIT_SECONDS, MODES, Limit, LimitMode, NamedLimit
 
-__all__ = ["NamedLimit", "ThrottleSettings", "settings_for", "ON_BACKEND_ERROR"]
+__all__ = ["ThrottleSettings", "settings_for", "parse_limits", "check_limit_name", "BackendPolicy", "ON_BACKEND_ERROR"]
 
-ON_BACKEND_ERROR = ("defer", "allow", "fail")
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+#: What the gate does when Redis cannot answer: re-send the task later, run
+#: it unthrottled, or fail it.
+BackendPolicy = Literal["defer", "allow", "fail"]
+ON_BACKEND_ERROR: tuple[BackendPolicy, ...] = ("defer", "allow", "fail")
 
 #: Defaults: how long a task may wait in total, and the longest single
 #: countdown.  A countdown must stay well under the broker's redelivery
@@ -41,28 +43,11 @@ DEFAULT_REDIS_OPTIONS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class NamedLimit:
-    """A limit with a name: the bucket every task naming it shares.
-
-    ``per_key``: when a task gives ``throttle_key``, this limit is split into
-    one bucket per key (True, the default) or stays one bucket for all keys
-    (False: a global quota decided together with per-tenant ones).
-    ``mode``: "enforce" (the default) defers tasks over the limit; "shadow"
-    only counts and logs them, so a new limit can be tried in production.
-    """
-
-    name: str
-    limit: Limit
-    per_key: bool = True
-    mode: str = "enforce"
-
-
-@dataclass(frozen=True)
 class ThrottleSettings:
     redis_url: str
     prefix: str = "throttle"
     limits: Mapping[str, NamedLimit] = field(default_factory=dict)
-    on_backend_error: str = "defer"
+    on_backend_error: BackendPolicy = "defer"
     max_defer: float = DEFAULT_MAX_DEFER
     max_countdown: float = DEFAULT_MAX_COUNTDOWN
     redis_options: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_REDIS_OPTIONS))
@@ -84,7 +69,7 @@ class ThrottleSettings:
 
 
 def check_limit_name(name: object, setting: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not LIMIT_NAME.match(name):
         raise ValueError(f"{setting}: limit name {name!r} must be letters, digits, '_', '.' or '-'")
     return name
 
@@ -114,9 +99,9 @@ def parse_limits(value: object) -> dict[str, NamedLimit]:
         if not isinstance(per_key, bool):
             raise ValueError(f"{where}['per_key'] must be True or False, got {per_key!r}")
         mode = spec.get("mode", "enforce")
-        if mode not in ("enforce", "shadow"):
+        if mode not in MODES:
             raise ValueError(f"{where}['mode'] must be 'enforce' or 'shadow', got {mode!r}")
-        limits[name] = NamedLimit(name, limit, per_key, mode)
+        limits[name] = NamedLimit(name, limit, per_key, cast(LimitMode, mode))
     return limits
 
 
@@ -124,7 +109,7 @@ def _redis_url(conf: Any) -> str:
     url = conf.get("throttle_redis_url")
     if url is None:
         broker = conf.get("broker_url") or ""
-        if isinstance(broker, str) and broker.startswith(("redis://", "rediss://", "unix://")):
+        if isinstance(broker, str) and broker.startswith(SINGLE):
             return broker
         raise ValueError(
             "throttle_redis_url is not set and the broker is not Redis: set throttle_redis_url = 'redis://host:6379/0'"
@@ -141,18 +126,20 @@ def _flag(setting: str, value: object) -> bool:
 
 
 def _prefix(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"throttle_prefix must be a str, got {value!r}")
+    # The same check as every bucket's prefix; a setting's error is a ValueError.
+    try:
+        return check_prefix(value, "throttle_prefix")
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _policy(value: object) -> BackendPolicy:
+    if value not in ON_BACKEND_ERROR:
+        raise ValueError(f"throttle_on_backend_error must be one of {', '.join(ON_BACKEND_ERROR)}; got {value!r}")
     return value
 
 
-def _policy(value: object) -> str:
-    if value not in ON_BACKEND_ERROR:
-        raise ValueError(f"throttle_on_backend_error must be one of {', '.join(ON_BACKEND_ERROR)}; got {value!r}")
-    return str(value)
-
-
-def _seconds(setting: str, value: object, upper: float = 86400.0) -> float:
+def _seconds(setting: str, value: object, upper: float = MAX_WAIT_SECONDS) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{setting} must be a number of seconds, got {value!r}")
     if not 0 < value <= upper:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.fleet import SYSTEM_RABBITMQ_BROKER, SYSTEM_REDIS_BROKER, Fleet, broker_available
-from throttle.embedded_redis import RedisServer
+from throttle.testing.redis_server import RedisServer
+from throttle.testing.windows import peak_in_window
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -27,17 +28,6 @@ def _broker(name: str) -> str:
     if not broker_available(url):
         pytest.skip(f"no {name} broker answers at {url}")
     return url
-
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    """The most events in any half-open window of ``window`` seconds."""
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= window:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 @pytest.fixture
@@ -69,7 +59,7 @@ def test_fleet_holds_the_limit(fleet_factory: Any, broker: str) -> None:
     assert set(ran) == set(ids), "every task ran"
     assert max(ran.values()) == 1, "no task ran twice"
     starts = sorted(r["t"] for r in records)
-    assert max_in_window(starts) <= 25, "at most rate + burst bodies in any 1 s"
+    assert peak_in_window(starts) <= 25, "at most rate + burst bodies in any 1 s"
     assert starts[-1] - starts[0] <= 10.5, "slot booking uses the limit (ideal 9.75 s)"
     assert all(r["retries"] == 0 for r in records), "deferrals never spend the retry budget"
     deferred = sum(fleet.counts("deferred").values())
@@ -84,7 +74,7 @@ def test_threads_pool_holds_the_limit(fleet_factory: Any) -> None:
     ran = Counter(r["id"] for r in records)
     assert set(ran) == set(ids) and max(ran.values()) == 1
     starts = sorted(r["t"] for r in records)
-    assert max_in_window(starts) <= 25
+    assert peak_in_window(starts) <= 25
     assert all(r["retries"] == 0 for r in records)
 
 
@@ -97,7 +87,7 @@ def test_two_task_types_share_one_limit(fleet_factory: Any) -> None:
     assert {r["task"] for r in records} == {"fleet.work", "fleet.other_work"}
     starts = sorted(r["t"] for r in records)
     # One shared bucket: 60 tasks need (60 - 2) / 10 = 5.8 s, never 2.9 s each.
-    assert max_in_window(starts) <= 12
+    assert peak_in_window(starts) <= 12
     assert starts[-1] - starts[0] >= 5.8 - 0.1
 
 
@@ -115,7 +105,7 @@ def test_tenants_have_their_own_buckets(fleet_factory: Any) -> None:
     # flood's bucket is 8 s deep.
     assert quiet[-1] - sent_at <= 3.0
     assert flood[-1] - flood[0] >= (40 - 1) / 5 - 0.1
-    assert max_in_window(flood) <= 6 and max_in_window(quiet) <= 6
+    assert peak_in_window(flood) <= 6 and peak_in_window(quiet) <= 6
 
 
 def test_rate_limited_pauses_the_whole_fleet(fleet_factory: Any) -> None:
@@ -133,7 +123,7 @@ def test_rate_limited_pauses_the_whole_fleet(fleet_factory: Any) -> None:
     assert paused == [], f"{len(paused)} bodies started during the 2 s pause"
     # Then work resumes at the rate (from an empty bucket).
     assert others[0] >= raised_at + 2.0
-    assert max_in_window(others) <= 25
+    assert peak_in_window(others) <= 25
     assert all(r["retries"] == 0 for r in records)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import socket
 import time
-from types import TracebackType
 from typing import Any
 
 import redis
 
-from .embedded_redis import RedisServer
+from .processes import Closing
+from .redis_server import RedisServer
 
 __all__ = ["EmbeddedCluster", "SLOTS"]
 
@@ -39,7 +39,7 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
 
 
-class EmbeddedCluster:
+class EmbeddedCluster(Closing):
     """``masters`` redis-server processes forming one cluster; a context manager."""
 
     def __init__(self, masters: int = 3, binary: str | None = None) -> None:
@@ -92,14 +92,6 @@ class EmbeddedCluster:
     def close(self) -> None:
         for server in self.servers:
             server.close()
-
-    def __enter__(self) -> EmbeddedCluster:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _field(info: object, name: str) -> str:

@@ -1,0 +1,102 @@
+"""``ThrottledTask``: the Celery base class whose tasks share the fleet's limits.
+
+::
+
+    app.conf.throttle_limits = {"github": {"rate": "10/s", "burst": 5}}
+
+    @app.task(base=ThrottledTask, throttle="github")
+    def fetch(repo): ...
+
+The options are checked when the app is finalized (``bind``); the decision
+itself is the gate's (``throttle.celery.gate``), run in ``before_start``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+
+from ..errors import RateLimited
+from .gate import Gate
+from .options import TaskPlan, resolve_options
+from .settings import settings_for
+
+__all__ = ["ThrottledTask"]
+
+
+class ThrottledTask(Task):  # type: ignore[misc]
+    """A Celery task that waits for its turn in a fleet-wide Redis token bucket.
+
+    Eager runs (``task.apply()``, ``task_always_eager``) and direct calls
+    (``task(...)``) are not throttled.
+    """
+
+    #: A limit name from ``throttle_limits``, an inline rate such as ``"10/s"``
+    #: (with ``throttle_burst``), a ``Limit``, or a list of these, decided
+    #: all-or-nothing.
+    throttle: Any = None
+
+    #: The burst of an inline rate (default 1).
+    throttle_burst: int | None = None
+
+    #: ``callable(*args, **kwargs) -> str``: one bucket per key (tenant,
+    #: account) for every limit with ``per_key`` (the default).
+    throttle_key: Callable[..., object] | None = None
+
+    #: Tokens per call: an int, or ``callable(*args, **kwargs) -> int``.
+    throttle_cost: int | Callable[..., object] = 1
+
+    #: The options above, resolved when the app is finalized.
+    _throttle_plan: TaskPlan | None = None
+
+    @classmethod
+    def bind(cls, app: Celery) -> Any:
+        bound = super().bind(app)
+        # Resolve (and so check) the options when the app is finalized: a
+        # worker with a bad limit fails at start, not at its first task.
+        if cls.throttle is None:
+            raise ValueError(
+                f"task {cls.name!r} has base=ThrottledTask but no throttle option: name a limit, "
+                "e.g. @app.task(base=ThrottledTask, throttle='github')"
+            )
+        cls._throttle_plan = resolve_options(
+            cls.name or cls.__name__,
+            cls.throttle,
+            cls.throttle_burst,
+            cls.throttle_key,
+            cls.throttle_cost,
+            settings_for(app),
+        )
+        return bound
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        # Producers fail fast too: a cost or key the bucket would refuse is
+        # refused before the message is sent.
+        plan = self._throttle_plan
+        if plan is not None and not self.app.conf.task_always_eager:
+            call_args, call_kwargs = list(args or ()), dict(kwargs or {})
+            plan.cost_for(call_args, call_kwargs)
+            plan.bucket_names(call_args, call_kwargs)
+        return super().apply_async(args, kwargs, **options)
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """The gate: return to run the body, or re-send the task and ``Ignore`` this run."""
+        request = self.request
+        plan = self._throttle_plan
+        if plan is None or request.is_eager or request.called_directly:
+            return
+        Gate(self, plan, list(args or ()), dict(kwargs or {})).admit()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or request.is_eager or self._throttle_plan is None:
+            return super().__call__(*args, **kwargs)
+        # The worker's tracer already pushed this task's request; calling
+        # self.run keeps it (Task.__call__ would push an empty one).
+        try:
+            return self.run(*args, **kwargs)
+        except RateLimited as exc:
+            Gate(self, self._throttle_plan, list(args), dict(kwargs)).rate_limited(exc)
+            raise  # not reached: rate_limited() always raises

@@ -1,0 +1,150 @@
+"""What an operator sees of a limit: the limit in force and its bucket's tokens now.
+
+``throttle list``, ``inspect``, ``watch`` and the Prometheus collector all
+describe limits through ``describe``; the limit in force itself comes from
+``throttle.live`` (one owner), this module only adds what its bucket holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .bucket import TokenBucket
+from .keys import bucket_name
+from .live import InForce, LiveLimits, published
+from .metrics import read_metrics, summarise
+
+__all__ = ["LimitStatus", "describe", "bucket_of", "WatchRow", "WatchSampler"]
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """One limit now.  The bucket fields are None for a limit split per key
+    (no one bucket to show) unless a key was asked for."""
+
+    in_force: InForce
+    bucket: str | None = None
+    tokens: int | None = None
+    next_token_in: float | None = None
+    full_in: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.in_force.name
+
+    @property
+    def rate(self) -> float | None:
+        return self.in_force.limit.rate if self.in_force.limit is not None else None
+
+    @property
+    def burst(self) -> int | None:
+        return self.in_force.limit.burst if self.in_force.limit is not None else None
+
+    @property
+    def source(self) -> str:
+        if self.in_force.override is not None:
+            return "live override"
+        return "config" if self.in_force.configured is not None else "unknown"
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON ``throttle list/inspect --json`` print for this limit."""
+        f = self.in_force
+        info: dict[str, Any] = {
+            "configured": published(f.configured) if f.configured is not None else None,
+            "override": json.loads(f.override.to_json()) if f.override is not None else None,
+            "rate": self.rate,
+            "burst": self.burst,
+            "mode": f.mode,
+            "per_key": f.per_key,
+            "version": f.version,
+            "pause_left": round(f.pause_left, 3),
+            "bucket": self.bucket,
+            "tokens": self.tokens,
+        }
+        if self.bucket is not None:
+            info["next_token_in"] = self.next_token_in
+            info["full_in"] = self.full_in
+        return info
+
+
+def describe(client: Any, prefix: str, only: str | None = None, key: str | None = None) -> dict[str, LimitStatus]:
+    """Every known limit (or ``only``) with its bucket's tokens (``key``: that tenant's)."""
+    return {name: _status(client, prefix, f, key) for name, f in LiveLimits(client, prefix).in_force(only).items()}
+
+
+def bucket_of(in_force: InForce, key: str | None) -> str | None:
+    """The bucket to show: the tenant's when ``key`` is given, the limit's when it is not split."""
+    if in_force.limit is None or (key is None and in_force.per_key):
+        return None
+    # An operator's --key names the tenant's bucket whatever per_key says.
+    return bucket_name(in_force.name, in_force.version, key)
+
+
+def _status(client: Any, prefix: str, in_force: InForce, key: str | None) -> LimitStatus:
+    name = bucket_of(in_force, key)
+    if name is None or in_force.limit is None:
+        return LimitStatus(in_force)
+    bucket = TokenBucket(client, name, rate=in_force.limit, prefix=prefix)
+    decision = bucket.peek()
+    return LimitStatus(
+        in_force,
+        bucket=bucket.key if isinstance(bucket.key, str) else bucket.key.decode(errors="replace"),
+        tokens=decision.remaining,
+        next_token_in=round(decision.retry_after, 6),
+        full_in=round(decision.reset_after, 6),
+    )
+
+
+@dataclass(frozen=True)
+class WatchRow:
+    """One limit between two samples of ``throttle watch`` (rates per second)."""
+
+    admitted_per_s: float
+    deferred_per_s: float
+    shadow_refused_per_s: float
+    mean_wait_s: float
+    tokens: int | None
+    rate: float | None
+    burst: int | None
+    mode: str
+    pause_left: float
+    admitted_total: float
+    deferred_total: float
+
+
+class WatchSampler:
+    """Rates from the fleet's counters: each ``sample`` compares with the one before."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.previous: dict[str, dict[str, float]] = {}
+        self.previous_at = time.monotonic()
+
+    def sample(self) -> dict[str, WatchRow]:
+        described = describe(self.client, self.prefix)
+        counters = {n: summarise(m) for n, m in read_metrics(self.client, self.prefix, described).items()}
+        now = time.monotonic()
+        elapsed = max(1e-6, now - self.previous_at)
+        rows: dict[str, WatchRow] = {}
+        for name, status in described.items():
+            cur, old = counters[name], self.previous.get(name, counters[name])
+            waited = cur["wait_count"] - old["wait_count"]
+            rows[name] = WatchRow(
+                admitted_per_s=(cur["admitted"] - old["admitted"]) / elapsed,
+                deferred_per_s=(cur["deferred"] - old["deferred"]) / elapsed,
+                shadow_refused_per_s=(cur["shadow_refused"] - old["shadow_refused"]) / elapsed,
+                mean_wait_s=(cur["wait_sum"] - old["wait_sum"]) / waited if waited else 0.0,
+                tokens=status.tokens,
+                rate=status.rate,
+                burst=status.burst,
+                mode=status.in_force.mode,
+                pause_left=round(status.in_force.pause_left, 3),
+                admitted_total=cur["admitted"],
+                deferred_total=cur["deferred"],
+            )
+        self.previous, self.previous_at = counters, now
+        return rows
