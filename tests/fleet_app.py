@@ -51,7 +51,7 @@ def record(task: Any, **extra: Any) -> None:
         "retries": req.retries,
         "pid": os.getpid(),
         "deferrals": int(getattr(req, "throttle_deferrals", None) or 0),
-        "slot": int(getattr(req, "throttle_slot", None) or 0) / 1e6,
+        "slot": float(getattr(req, "throttle_slot", None) or 0),
         **extra,
     }
     recorder().rpush(RECORD_KEY, json.dumps(entry))

@@ -49,3 +49,11 @@ def test_bad_urls_name_the_problem_and_hide_the_password(url: str, message: str)
 def test_redact() -> None:
     assert redact("redis+cluster://u:secret@h:1,h:2") == "redis+cluster://u:***@h:1,h:2"
     assert redact(5) == 5
+
+
+def test_redact_hides_a_password_holding_at_signs() -> None:
+    """Issue 12, point 11: the user info runs to the last ``@`` (was: ``redis://app:***@prod-secret@host``)."""
+    assert redact("redis://app:p@ss@prod-secret@host:6379/0") == "redis://app:***@host:6379/0"
+    assert redact("redis+sentinel://u:pw@h1:1,h2:2/master/0") == "redis+sentinel://u:***@h1:1,h2:2/master/0"
+    assert redact("rediss://user@host/0") == "rediss://user@host/0"
+    assert redact("unix:///run/redis.sock") == "unix:///run/redis.sock"

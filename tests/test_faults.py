@@ -79,10 +79,12 @@ def test_password_and_acl_user(restartable_redis: RedisServer) -> None:
     bucket = TokenBucket(acl_user, "acl", rate="1/m", burst=1)
     assert bucket.consume().allowed
     assert not bucket.consume().allowed
-    # The ACL confines the user to throttle's keys: a key outside is refused.
+    # The ACL confines the user to throttle's keys: a key outside is refused
+    # (NOPERM: no decision can be made, so the gate's policy applies).
     outside = TokenBucket(acl_user, "acl", rate=1, burst=1, prefix="other")
-    with pytest.raises(redis.exceptions.NoPermissionError):
+    with pytest.raises(BackendUnavailable) as info:
         outside.consume()
+    assert isinstance(info.value.cause, redis.exceptions.NoPermissionError)
 
 
 def test_credentials_never_in_errors(restartable_redis: RedisServer) -> None:

@@ -16,6 +16,7 @@ from throttle import TokenBucket
 from throttle.celery.settings import parse_limits
 from throttle.keys import (
     RESERVED,
+    BucketKeys,
     LiveKeys,
     bucket_key,
     bucket_name,
@@ -23,7 +24,6 @@ from throttle.keys import (
     limit_of,
     metrics_key,
     own_key,
-    pause_key,
     stats_key,
 )
 from throttle.live import LiveLimits
@@ -42,11 +42,13 @@ def test_no_bucket_key_is_one_of_throttles_own(prefix: str) -> None:
         stats_key(prefix),
     }
     for name in HOSTILE + [bucket_name(n, 3, t) for n in ("live", "api") for t in HOSTILE]:
-        key = bucket_key(prefix, name)
-        assert isinstance(key, str)
-        for candidate in (key, pause_key(key)):
+        keys = BucketKeys(prefix, name)
+        assert isinstance(keys.bucket, str)
+        assert keys.bucket not in own and not keys.bucket.startswith(own_key(prefix, "")), name
+        # Its markers and tickets are throttle's own keys, but never another bucket's or the fleet's.
+        for candidate in (keys.paused, keys.reset, keys.ticket("t1")):
             assert candidate not in own, (name, candidate)
-            assert not candidate.startswith(own_key(prefix, "")), (name, candidate)
+            assert candidate != BucketKeys(prefix, f"{name}x").paused
 
 
 def test_own_keys_share_a_slot_with_what_they_describe() -> None:

@@ -156,3 +156,17 @@ def test_errors_survive_pickling() -> None:
     ):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error)
+
+
+@pytest.mark.parametrize("rate", ["999999/s", "333333/s", "12345/s", 700_001])
+def test_rates_the_clock_cannot_keep_are_refused(rate: str | int) -> None:
+    """Issue 12, point 12: 999,999/s used to run at 500,000/s while ``throttle list`` showed 999,999."""
+    with pytest.raises(ValueError, match="cannot be kept within 1%") as info:
+        Limit(rate)
+    assert str(rate) in str(info.value) and "nearest rates" in str(info.value)
+
+
+@pytest.mark.parametrize("rate", ["1000000/s", "500000/s", "20000/s", "10001/s", "3000/s", "100/m", "5/h"])
+def test_rates_within_one_percent_are_kept(rate: str) -> None:
+    limit = Limit(rate)
+    assert 0.99 * parse_rate(rate) <= 1e6 / limit.interval_us <= parse_rate(rate)

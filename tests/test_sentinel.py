@@ -10,13 +10,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from throttle import BackendUnavailable, TokenBucket
 from throttle.celery.settings import ThrottleSettings
-from throttle.connect import client_from_url
+from throttle.connect import client_from_url, close_client
 from throttle.testing.redis_server import RedisServer, find_redis_server, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults, pytest.mark.slow]
@@ -54,20 +55,25 @@ def sentinel_for(master_port: int) -> Iterator[int]:
 def test_decisions_resume_after_failover() -> None:
     master = RedisServer().start()
     replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(master.port)]).start()
+    clients: list[Any] = []
     try:
         with sentinel_for(master.port) as sentinel_port:
             url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
             # The same URL is accepted as a Celery setting.
             assert ThrottleSettings.from_conf({"throttle_redis_url": url}).redis_url == url
             client = client_from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            clients.append(client)
             bucket = TokenBucket(client, f"sentinel-{uuid.uuid4().hex[:6]}", rate="1/m", burst=5)
+            on_replica = redis.Redis(port=replica.port)
+            clients.append(on_replica)
             deadline = time.monotonic() + 20
-            while redis.Redis(port=replica.port).info("replication").get("master_link_status") != "up":
+            while on_replica.info("replication").get("master_link_status") != "up":
                 assert time.monotonic() < deadline, "the replica never synced"
                 time.sleep(0.1)
             assert bucket.consume().allowed
             # The replica has the decision (WAIT), then the master dies.
-            assert redis.Redis(port=master.port).wait(1, 5000) == 1
+            with redis.Redis(port=master.port) as on_master:
+                assert on_master.wait(1, 5000) == 1
             master.kill()
             started = time.monotonic()
             resumed = None
@@ -83,11 +89,13 @@ def test_decisions_resume_after_failover() -> None:
                 break
             assert resumed is not None, "no decision within 60 s of the master's death"
             assert decision.allowed
-            assert redis.Redis(port=replica.port).info("replication")["role"] == "master"
+            assert on_replica.info("replication")["role"] == "master"
             print(f"sentinel: decisions resumed {resumed:.1f}s after the master died ({errors} refused meanwhile)")
             # The promoted replica knew the bucket (replicated SETs): 5 - 2 tokens.
             assert bucket.peek().remaining == 3
     finally:
+        for opened in clients:
+            close_client(opened)
         replica.close()
         master.close()
 

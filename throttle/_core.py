@@ -10,8 +10,10 @@ answer" (``UNAVAILABLE``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, Protocol
 
 import redis.exceptions
@@ -21,12 +23,13 @@ from redis.crc import key_slot
 
 from .checks import check_cost, check_key, check_prefix, check_seconds, seconds_to_us
 from .gcra import Mode
-from .keys import bucket_key, keys_label, pause_key
-from .limit import US_PER_S, Limit
+from .keys import BucketKeys, keys_label
+from .limit import MAX_WAIT_SECONDS, US_PER_S, Limit
 from .script import register, script_args
 
 __all__ = [
     "UNAVAILABLE",
+    "unavailable",
     "DEFAULT_MAX_WAIT",
     "Decision",
     "BucketRef",
@@ -43,21 +46,68 @@ __all__ = [
     "Split",
     "combine",
     "merge_statuses",
+    "Verdict",
+    "Redemption",
+    "TICKET_SLACK_S",
 ]
 
-#: Errors that mean "Redis cannot answer right now", as opposed to a bug.
+#: Errors that mean "Redis cannot or will not answer right now", as opposed
+#: to a bug: the server is gone, loading, read-only, out of memory, refuses
+#: the user, or a cluster is reshaping.  The Celery gate applies its
+#: ``throttle_on_backend_error`` policy to each of them.
 UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError,  # includes BusyLoadingError (restart, loading)
+    redis.exceptions.ConnectionError,  # includes BusyLoadingError (LOADING) and AuthenticationError (NOAUTH, WRONGPASS)
     redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # talking to a replica after a failover
-    redis.exceptions.ClusterDownError,
+    redis.exceptions.ReadOnlyError,  # READONLY: talking to a replica after a failover
+    redis.exceptions.OutOfMemoryError,  # OOM: maxmemory reached with a no-eviction policy
+    redis.exceptions.NoPermissionError,  # NOPERM: the ACL user may not run the script or touch the key
+    redis.exceptions.ClusterDownError,  # includes MasterDownError
     redis.exceptions.TryAgainError,
-    redis.exceptions.MasterDownError,
     redis.exceptions.SlotNotCoveredError,
 )
 
+#: Error replies redis-py has no class for that mean the same: a script
+#: running too long (BUSY), a failed RDB save refusing writes (MISCONF),
+#: too few replicas for min-replicas-to-write (NOREPLICAS).
+_REFUSALS = ("BUSY", "MISCONF", "NOREPLICAS")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis cannot or will not answer now (see ``UNAVAILABLE``)."""
+    if isinstance(exc, UNAVAILABLE):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).split(" ", 1)[0] in _REFUSALS
+
+
 #: ``reserve()`` books at most this far ahead unless told otherwise.
 DEFAULT_MAX_WAIT = 60.0
+
+#: A ticket outlives its slot by this much: a task later than that finds no
+#: ticket and books again (it would be "late" anyway).
+TICKET_SLACK_S = 3600.0
+
+#: Reset markers live as long as any slot booked before them can be ahead.
+_RESET_MARKER_US = (MAX_WAIT_SECONDS + int(TICKET_SLACK_S)) * US_PER_S
+
+
+class Verdict(IntEnum):
+    """What ``redeem`` says of a ticket (the values are ``lua/redeem.lua``'s)."""
+
+    NONE = 0  # no ticket (never booked, already redeemed, forged, expired): book again
+    GO = 1  # the slot has come: run
+    EARLY = 2  # the slot is still ahead: wait again (the ticket stays)
+    LATE = 3  # too late for the slot: book again
+    PAUSED = 4  # a pause began after the booking and ends after the slot: book again
+    RESET = 5  # the bucket was reset after the booking: book again
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """A ticket redeemed: the verdict, ``wait`` = slot - now in seconds (negative when late)."""
+
+    verdict: Verdict
+    wait: float
+    server_time: float
 
 
 @dataclass(frozen=True)
@@ -88,17 +138,21 @@ class Decision:
 
 @dataclass(frozen=True)
 class BucketRef:
-    """One bucket's name (as the user gave it), Redis key and limit."""
+    """One bucket's name (as the user gave it), Redis keys and limit."""
 
     name: str | bytes
-    key: str | bytes
+    keys: BucketKeys
     limit: Limit
+
+    @property
+    def key(self) -> str | bytes:
+        return self.keys.bucket
 
 
 def make_bucket(key: object, rate: Any, burst: Any, prefix: object) -> BucketRef:
     name = check_key(key)
     limit = rate if isinstance(rate, Limit) else Limit(rate, burst)
-    return BucketRef(name, bucket_key(check_prefix(prefix), name), limit)
+    return BucketRef(name, BucketKeys(check_prefix(prefix), name), limit)
 
 
 class SingleBucket:
@@ -128,7 +182,8 @@ class ScriptPlan:
     def __init__(self, buckets: Sequence[BucketRef]) -> None:
         self.buckets = tuple(buckets)
         self.keys = [b.key for b in self.buckets]
-        self.pause_keys = [pause_key(k) for k in self.keys]
+        self.pause_keys = [b.keys.paused for b in self.buckets]
+        self.reset_keys = [b.keys.reset for b in self.buckets]
         self.limits = [b.limit for b in self.buckets]
         self.min_burst = min(b.limit.burst for b in self.buckets)
         self.label = keys_label(self.keys)
@@ -143,8 +198,10 @@ class ScriptPlan:
         return check_cost(cost, self.min_burst)
 
     def keys_for(self, mode: Mode) -> list[str | bytes]:
-        """KEYS of a call: the buckets, and their pause markers when pausing."""
-        return self.keys + self.pause_keys if mode is Mode.PAUSE else self.keys
+        """KEYS of a call: the buckets, and their pause or reset markers when pausing or resetting."""
+        if mode is Mode.PAUSE:
+            return self.keys + self.pause_keys
+        return self.keys + self.reset_keys if mode is Mode.RESET else self.keys
 
     def args(self, mode: Mode, cost: int, limit_us: int = 0) -> list[int]:
         signature = (mode, cost, limit_us)
@@ -163,6 +220,54 @@ class ScriptPlan:
     def pause(seconds: object) -> tuple[Mode, int, int]:
         """(mode, cost, limit_us) of ``pause``."""
         return Mode.PAUSE, 1, seconds_to_us(check_seconds(seconds, "seconds"))
+
+    @staticmethod
+    def reset() -> tuple[Mode, int, int]:
+        """(mode, cost, limit_us) of ``reset``: the reset markers' lifetime."""
+        return Mode.RESET, 1, _RESET_MARKER_US
+
+    def ticket(self, ticket_id: object, decision: Decision) -> tuple[str | bytes, str, int]:
+        """(key, value, ttl_ms) of the ticket for a booked ``decision``."""
+        if not isinstance(ticket_id, str) or not ticket_id:
+            raise ValueError(f"ticket_id must be a non-empty str, got {ticket_id!r}")
+        if not decision.allowed:
+            raise ValueError("a ticket is for a granted booking; this decision was refused")
+        booked = round(decision.server_time * US_PER_S)
+        slot = booked + math.ceil(decision.retry_after * US_PER_S)
+        ttl_ms = math.ceil((decision.retry_after + TICKET_SLACK_S) * 1000)
+        return self.buckets[0].keys.ticket(ticket_id), f"{slot}:{booked}", ttl_ms
+
+    def redeem_call(
+        self, ticket_id: str, grace: float, spin: float, outside: tuple[float, float, float]
+    ) -> tuple[list[str | bytes], list[int]]:
+        """KEYS and ARGV of ``redeem.lua``; ``outside``: (now, pause end, reset) of other slots."""
+        check_key(ticket_id, "ticket_id")
+        keys = [self.buckets[0].keys.ticket(ticket_id), *self.pause_keys, *self.reset_keys]
+        _, paused, reset = outside
+        args = [
+            seconds_to_us(check_seconds(grace, "grace")),
+            seconds_to_us(check_seconds(spin, "spin")),
+            round(paused * US_PER_S),
+            round(reset * US_PER_S),
+        ]
+        return keys, args
+
+    @staticmethod
+    def redemption(reply: Sequence[int]) -> Redemption:
+        verdict, wait_us, now_us = reply
+        return Redemption(Verdict(int(verdict)), int(wait_us) / US_PER_S, int(now_us) / US_PER_S)
+
+    @staticmethod
+    def markers(reply: Sequence[Any], pauses: int) -> tuple[float, float, float]:
+        """``slot_status.lua``'s reply over pause then reset markers: (now, latest pause end, latest reset)."""
+        (seconds, micros), values = reply
+        numbers = [int(v) if v and (v if isinstance(v, str) else v.decode()).isdigit() else 0 for v in values]
+        paused, reset = numbers[:pauses], numbers[pauses:]
+        return (
+            int(seconds) + int(micros) / US_PER_S,
+            max(paused, default=0) / US_PER_S,
+            max(reset, default=0) / US_PER_S,
+        )
 
     @staticmethod
     def status(reply: Sequence[Any]) -> tuple[float, float]:
@@ -200,6 +305,7 @@ class BucketsBase:
         self.plan = ScriptPlan(buckets)
         self.script = register(client, "gcra")
         self.status_script = register(client, "slot_status")
+        self.redeem_script = register(client, "redeem")
         self.groups = slot_groups(client, buckets)
         self.batch_slot: int | None = None
 
@@ -273,18 +379,21 @@ def split_steps(parts: int, mode: Mode, cost: int, limit_us: int) -> Generator[S
     """Decide slot by slot: each slot's buckets atomically, in order.
 
     Yields the calls to make and is sent their decisions (the caller does the
-    I/O, sync or async).  A refusal in a later slot gives the tokens taken in
-    the earlier ones back (``Mode.REFUND``).  Between the two, those tokens
-    were briefly unavailable to others: the limit can only err on the safe
-    side.  If Redis fails half-way, what was taken stays taken, for the same
-    reason.
+    I/O, sync or async).  A consume refused in a later slot gives the tokens
+    taken in the earlier ones back (``Mode.REFUND``): tokens are
+    interchangeable, so giving back is exact even if others took some in
+    between.  Booked slots are not: rewinding a bucket after another caller
+    booked behind us would hand our slot out twice, so a refused booking
+    leaves the earlier slots' bookings in place (forfeit).  Either way the
+    limit can only err on the safe side; if Redis fails half-way, what was
+    taken stays taken, for the same reason.
     """
     decisions: list[Decision] = []
     for index in range(parts):
         decision = yield index, mode, cost, limit_us
         decisions.append(decision)
         if not decision.allowed and mode in (Mode.CONSUME, Mode.RESERVE):
-            for earlier in range(index):
+            for earlier in range(index) if mode is Mode.CONSUME else ():
                 yield earlier, Mode.REFUND, cost, 0
             break
     return combine(decisions)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from redis.exceptions import RedisError
+
 from . import _core as core
 from ._core import BucketRef, BucketsBase, Decision, SingleBucket
 from .errors import BackendUnavailable, ReservationRefused
@@ -43,8 +45,10 @@ class AsyncBuckets(BucketsBase):
     async def _guard(self, call: Callable[[], Awaitable[_T]]) -> _T:
         try:
             return await call()
-        except core.UNAVAILABLE as exc:
-            raise BackendUnavailable(self.plan.label, exc) from exc
+        except RedisError as exc:
+            if core.unavailable(exc):
+                raise BackendUnavailable(self.plan.label, exc) from exc
+            raise
 
     async def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
         plan = self.plan
@@ -82,7 +86,32 @@ class AsyncBuckets(BucketsBase):
 
     async def reset(self) -> None:
         """See ``TokenBucket.reset``."""
-        await self._guard(lambda: self._redis.delete(*self.plan.keys))
+        await self._run(*self.plan.reset())
+
+    async def issue_ticket(self, ticket_id: str, decision: Decision) -> None:
+        """See ``TokenBucket.issue_ticket``."""
+        key, value, ttl_ms = self.plan.ticket(ticket_id, decision)
+        await self._guard(lambda: self._redis.set(key, value, px=ttl_ms))
+
+    async def redeem(self, ticket_id: str, grace: float, spin: float = 0.0) -> core.Redemption:
+        """See ``TokenBucket.redeem``."""
+        if self._parts:
+            marks = [await part._markers() for part in self._parts[1:]]
+            outside = (0.0, max(m[1] for m in marks), max(m[2] for m in marks))
+            return await self._parts[0]._redeem(ticket_id, grace, spin, outside)
+        return await self._redeem(ticket_id, grace, spin, (0.0, 0.0, 0.0))
+
+    async def _redeem(
+        self, ticket_id: str, grace: float, spin: float, outside: tuple[float, float, float]
+    ) -> core.Redemption:
+        keys, args = self.plan.redeem_call(ticket_id, grace, spin, outside)
+        reply: Any = await self._guard(lambda: self.redeem_script(keys=keys, args=args))
+        return self.plan.redemption(reply)
+
+    async def _markers(self) -> tuple[float, float, float]:
+        keys = [*self.plan.pause_keys, *self.plan.reset_keys]
+        reply: Any = await self._guard(lambda: self.status_script(keys=keys))
+        return self.plan.markers(reply, len(self.plan.pause_keys))
 
     async def server_time(self) -> float:
         """The Redis server's clock, in seconds."""

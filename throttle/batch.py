@@ -22,7 +22,7 @@ from typing import Any
 
 import redis.exceptions
 
-from ._core import DEFAULT_MAX_WAIT, UNAVAILABLE, Decidable, Decision, is_cluster
+from ._core import DEFAULT_MAX_WAIT, UNAVAILABLE, Decidable, Decision, is_cluster, unavailable
 from .aio import AsyncBuckets
 from .bucket import SyncBuckets
 from .checks import check_seconds, seconds_to_us
@@ -139,8 +139,10 @@ def _many(
     batch = _prepare(buckets, cost, SyncBuckets, mode, limit_us)
     try:
         batch.unpack(buckets, _execute(batch.client, batch.script, batch.calls) if batch.calls else [])
-    except UNAVAILABLE as exc:
-        raise BackendUnavailable(_label(buckets), exc) from exc
+    except redis.exceptions.RedisError as exc:
+        if unavailable(exc):
+            raise BackendUnavailable(_label(buckets), exc) from exc
+        raise
     for index in batch.alone:
         batch.out[index] = alone(buckets[index], batch.costs[index])
     return batch.decisions()
@@ -247,8 +249,10 @@ async def _many_async(
     batch = _prepare(buckets, cost, AsyncBuckets, mode, limit_us)
     try:
         batch.unpack(buckets, await _execute_async(batch.client, batch.script, batch.calls) if batch.calls else [])
-    except UNAVAILABLE as exc:
-        raise BackendUnavailable(_label(buckets), exc) from exc
+    except redis.exceptions.RedisError as exc:
+        if unavailable(exc):
+            raise BackendUnavailable(_label(buckets), exc) from exc
+        raise
     for index in batch.alone:
         batch.out[index] = await alone(buckets[index], batch.costs[index])
     return batch.decisions()

@@ -58,8 +58,10 @@ class SyncBuckets(BucketsBase):
     def _guard(self, call: Callable[[], _T]) -> _T:
         try:
             return call()
-        except core.UNAVAILABLE as exc:
-            raise BackendUnavailable(self.plan.label, exc) from exc
+        except redis.exceptions.RedisError as exc:
+            if core.unavailable(exc):
+                raise BackendUnavailable(self.plan.label, exc) from exc
+            raise
 
     def _eval(self, keys: list[str | bytes], args: list[int]) -> Any:
         # EVALSHA straight away; the registered Script reloads the source
@@ -76,18 +78,14 @@ class SyncBuckets(BucketsBase):
             while not split.answer(self._parts[split.index]._run(*split.call)):
                 pass
             return cast(Decision, split.result)
-        if self.strategy == "transaction":
+        if self.strategy == "transaction" and mode is not Mode.RESET:
             client = cast(redis.Redis, self._redis)  # checked in __init__
             outcome = self._guard(
                 lambda: run_transaction(client, plan.keys, plan.limits, cost, mode, limit_us, plan.pause_keys)
             )
             return plan.decision(outcome.reply())
         args = plan.args(mode, cost, limit_us)
-        try:
-            reply = self._eval(plan.keys_for(mode), args)
-        except core.UNAVAILABLE as exc:
-            raise BackendUnavailable(plan.label, exc) from exc
-        return plan.decision(reply)
+        return plan.decision(self._guard(lambda: self._eval(plan.keys_for(mode), args)))
 
     def consume(self, cost: int = 1) -> Decision:
         """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
@@ -125,8 +123,42 @@ class SyncBuckets(BucketsBase):
         return self._run(*self.plan.pause(seconds))
 
     def reset(self) -> None:
-        """Forget the bucket's state: it is full again."""
-        self._guard(lambda: self._redis.delete(*self.plan.keys))
+        """Forget the buckets' state: they are full again, and slots booked in
+        them before now are void (their tickets redeem as ``Verdict.RESET``)."""
+        self._run(*self.plan.reset())
+
+    def issue_ticket(self, ticket_id: str, decision: Decision) -> None:
+        """Record the slot a granted ``book()`` gave, for ``ticket_id`` to redeem once.
+
+        A caller that waits elsewhere (a deferred task, a parked job) keeps
+        only ``ticket_id``; the slot lives in Redis, where no copy of the
+        caller can forge or reuse it.
+        """
+        key, value, ttl_ms = self.plan.ticket(ticket_id, decision)
+        self._guard(lambda: self._redis.set(key, value, px=ttl_ms))
+
+    def redeem(self, ticket_id: str, grace: float, spin: float = 0.0) -> core.Redemption:
+        """At the booked slot: may the holder of ``ticket_id`` go now?  One round trip.
+
+        ``GO`` when the slot is no more than ``spin`` seconds ahead (sleep
+        ``wait``, then go) and no more than ``grace`` seconds behind; see
+        ``Verdict`` for the rest.  The ticket is used up unless ``EARLY``.
+        """
+        if self._parts:
+            marks = [part._markers() for part in self._parts[1:]]
+            outside = (0.0, max(m[1] for m in marks), max(m[2] for m in marks))
+            return self._parts[0]._redeem(ticket_id, grace, spin, outside)
+        return self._redeem(ticket_id, grace, spin, (0.0, 0.0, 0.0))
+
+    def _redeem(
+        self, ticket_id: str, grace: float, spin: float, outside: tuple[float, float, float]
+    ) -> core.Redemption:
+        keys, args = self.plan.redeem_call(ticket_id, grace, spin, outside)
+        return self.plan.redemption(self._guard(lambda: self.redeem_script(keys=keys, args=args)))
+
+    def _markers(self) -> tuple[float, float, float]:
+        keys = [*self.plan.pause_keys, *self.plan.reset_keys]
+        return self.plan.markers(self._guard(lambda: self.status_script(keys=keys)), len(self.plan.pause_keys))
 
     def server_time(self) -> float:
         """The Redis server's clock, in seconds: the clock every decision uses."""
@@ -192,9 +224,12 @@ class RedisTokenBucket:
     True
 
     ``burst_rate`` is the bucket's capacity and ``replenishment_rate`` the
-    tokens added per second.  The default engine is the Lua script;
-    ``strategy="transaction"`` keeps the original WATCH/MULTI/EXEC design
-    (corrected to use Redis time and bounded, jittered retries).
+    tokens added per second.  The bucket lives at ``key`` exactly as given, as
+    the original implementation kept it (so a rolling upgrade counts in one
+    bucket); ``prefix="throttle"`` puts it beside ``TokenBucket``'s.  The
+    default engine is the Lua script; ``strategy="transaction"`` keeps the
+    original WATCH/MULTI/EXEC design (corrected to use Redis time and bounded,
+    jittered retries).
     """
 
     def __init__(
@@ -205,7 +240,7 @@ class RedisTokenBucket:
         replenishment_rate: str | float | int,
         *,
         strategy: Strategy = "script",
-        prefix: str = "throttle",
+        prefix: str = "",
     ) -> None:
         self.bucket = TokenBucket(
             redis_client, key, rate=replenishment_rate, burst=burst_rate, prefix=prefix, strategy=strategy

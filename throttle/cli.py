@@ -33,28 +33,29 @@ from typing import Any, NoReturn
 import click
 import redis
 
+from .bucket import TokenBucket
 from .connect import SCHEMES, SINGLE, client_from_url, redact
 from .keys import LIMIT_NAME
 from .limit import MAX_WAIT_SECONDS, MODES, LimitMode
-from .live import LiveLimits, Override
+from .live import CHANGE_DELAY_S, LiveLimits, Override
 from .metrics import read_metrics, summarise
 from .prometheus import ThrottleCollector
-from .status import LimitStatus, WatchRow, WatchSampler, describe
+from .status import LimitStatus, WatchRow, WatchSampler, bucket_of, describe
 
 __all__ = ["main", "cli", "parse_duration"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: str) -> float:
-    """``"60s"``, ``"5m"``, ``"1h"``, ``"500ms"`` or plain seconds, > 0 and at most a day."""
+    """``"60s"``, ``"5m"``, ``"1h"``, ``"2d"``, ``"500ms"`` or plain seconds, > 0 and at most 30 days."""
     match = _DURATION.match(value)
     if not match:
-        raise ValueError(f"duration must be like 60s, 5m, 1h or 500ms, got {value!r}")
+        raise ValueError(f"duration must be like 60s, 5m, 1h, 2d or 500ms, got {value!r}")
     seconds = float(match[1]) * _UNITS[match[2]]
     if not 0 < seconds <= MAX_WAIT_SECONDS:
-        raise ValueError(f"duration must be more than 0 and at most 24h, got {value!r}")
+        raise ValueError(f"duration must be more than 0 and at most {MAX_WAIT_SECONDS // 86400}d, got {value!r}")
     return seconds
 
 
@@ -86,9 +87,11 @@ class Context:
     def live(self) -> LiveLimits:
         return LiveLimits(self.client, self.prefix)
 
-    def describe(self, only: str | None = None, key: str | None = None) -> dict[str, LimitStatus]:
-        """Every known limit (or one), in force now, with its bucket's tokens."""
-        return describe(self.client, self.prefix, only, key)
+    def describe(
+        self, only: str | None = None, key: str | None = None, scheduled: bool = False
+    ) -> dict[str, LimitStatus]:
+        """Every known limit (or one), in force now (or once scheduled), with its bucket's tokens."""
+        return describe(self.client, self.prefix, only, key, scheduled)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -218,8 +221,11 @@ def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: Lim
         raise click.BadParameter(str(exc), param_hint="--rate/--burst") from exc
     _known(obj, name, force)
     version = obj.live.set(name, rate, burst, mode)
-    status = obj.describe(only=name)[name]
-    click.echo(f"{name}: {_fmt(status.rate)}/s burst {status.burst} mode {status.in_force.mode} (version {version})")
+    status = obj.describe(only=name, scheduled=True)[name]
+    click.echo(
+        f"{name}: {_fmt(status.rate)}/s burst {status.burst} mode {status.in_force.mode} "
+        f"(version {version}, in force fleet-wide in {CHANGE_DELAY_S:g}s)"
+    )
 
 
 @cli.command()
@@ -228,9 +234,12 @@ def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: Lim
 def unset(obj: Context, name: str) -> None:
     """Remove a live override: back to the configured limit."""
     _require(obj.live.unset(name), f"{name!r} has no live override")
-    status = obj.describe(only=name)[name]
+    status = obj.describe(only=name, scheduled=True)[name]
     rate = "no configured rate" if status.rate is None else f"{_fmt(status.rate)}/s burst {status.burst}"
-    click.echo(f"{name}: back to the configured limit, {rate} (version {status.in_force.version})")
+    click.echo(
+        f"{name}: back to the configured limit, {rate} (version {status.in_force.version}, "
+        f"in force fleet-wide in {CHANGE_DELAY_S:g}s)"
+    )
 
 
 @cli.command()
@@ -268,17 +277,20 @@ def reset(obj: Context, name: str, key: str | None) -> None:
     if key is not None:
         if not key:
             raise click.BadParameter("must not be empty", param_hint="--key")
-        status = obj.describe(only=name, key=key)[name]
-        if status.bucket is None:
+        in_force = obj.live.in_force(only=name)[name]
+        tenant_bucket = bucket_of(in_force, key)
+        if tenant_bucket is None or in_force.limit is None:
             _fail(f"unknown limit {name!r}")
-        obj.client.delete(status.bucket)
+        # Full again, and slots booked in it before now are void (their tasks
+        # book again), so old and new admissions never add up.
+        TokenBucket(obj.client, tenant_bucket, rate=in_force.limit, prefix=obj.prefix).reset()
         click.echo(f"{name}: bucket of {key!r} is full again")
         return
     _known(obj, name, force=False)
     # A new version: slots booked in the old bucket are void (their tasks
     # book again), so a reset never lets old and new admissions add up.
     version = obj.live.bump(name)
-    click.echo(f"{name}: fresh bucket (version {version})")
+    click.echo(f"{name}: fresh bucket (version {version}, in force fleet-wide in {CHANGE_DELAY_S:g}s)")
 
 
 @cli.command()

@@ -23,7 +23,7 @@ import redis
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
-__all__ = ["client_from_url", "redact", "SCHEMES"]
+__all__ = ["client_from_url", "close_client", "redact", "SCHEMES"]
 
 SINGLE = ("redis://", "rediss://", "unix://")
 CLUSTER = ("redis+cluster://", "rediss+cluster://")
@@ -34,10 +34,21 @@ _URL = re.compile(r"^(?P<scheme>[a-z+]+)://(?:(?P<userinfo>[^@/]*)@)?(?P<hosts>[
 
 
 def redact(url: object) -> object:
-    """Hide a password in a URL before it goes into a message."""
-    if isinstance(url, str):
-        return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-    return url
+    """Hide a password in a URL before it goes into a message.
+
+    The user info runs to the last ``@`` before the path: a password written
+    unencoded may itself hold ``@`` (``redis://app:p@ss@host``).
+    """
+    if not isinstance(url, str) or "//" not in url:
+        return url
+    scheme, _, rest = url.partition("//")
+    path_at = rest.find("/")
+    authority = rest if path_at < 0 else rest[:path_at]
+    userinfo, at, hosts = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}//{user}:***@{hosts}{rest[len(authority) :]}"
 
 
 def client_from_url(url: str, **options: Any) -> redis.Redis | RedisCluster:
@@ -72,6 +83,18 @@ def client_from_url(url: str, **options: Any) -> redis.Redis | RedisCluster:
     sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_kwargs, **options)  # type: ignore[no-untyped-call]
     master: redis.Redis = sentinel.master_for(unquote(path[0]), db=db, ssl=tls, **auth)  # type: ignore[no-untyped-call]
     return master
+
+
+def close_client(client: Any) -> None:
+    """Close a client from ``client_from_url``, with the Sentinel clients behind it.
+
+    A Sentinel URL's client finds its master through clients of each
+    sentinel; closing the master's client alone leaves their sockets open.
+    """
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        sentinel.close()
+    client.close()
 
 
 def _host_port(part: str, url: str) -> tuple[str, int]:

@@ -9,6 +9,7 @@ in step: the property test in ``tests/test_gcra.py`` fails when they drift.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -18,7 +19,7 @@ from .limit import MAX_WAIT_SECONDS, US_PER_S, Limit
 __all__ = ["Mode", "Outcome", "decide", "SANE_DEBT_US"]
 
 #: Mirrors SANE_DEBT_US in the script: a TAT further than tau plus this from
-#: now was not written by throttle (the longest reservation/pause is a day).
+#: now was not written by throttle (the longest reservation or pause).
 SANE_DEBT_US = MAX_WAIT_SECONDS * US_PER_S
 
 
@@ -31,6 +32,7 @@ class Mode(IntEnum):
     PAUSE = 3
     REFUND = 4  # give back tokens taken by a multi-slot decision refused later
     BATCH = 5  # many independent decisions in one call (throttle.batch)
+    RESET = 6  # forget the buckets; void the slots booked in them
 
 
 @dataclass(frozen=True)
@@ -64,15 +66,19 @@ class Outcome:
         return cls(bool(granted), refused, wait_us, remaining, reset_us, now_us, bool(recovered))
 
 
+#: What the script writes (string.format '%.0f'): whole decimal microseconds.
+_DIGITS = re.compile(rb"^[0-9]+$")
+
+
 def _stored_tat(raw: str | bytes | None, now: int, tau: int) -> tuple[int, bool]:
-    """Parse a stored TAT; (tat, corrupt).  Absent or past means a full bucket."""
+    """Parse a stored TAT like the script does; (tat, corrupt).  Absent or past means a full bucket."""
     if raw is None:
         return now, False
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
+    data = raw.encode() if isinstance(raw, str) else raw
+    if not isinstance(data, bytes) or not _DIGITS.match(data):
         return now + tau, True
-    if math.isnan(value) or value > now + tau + SANE_DEBT_US:
+    value = int(data)
+    if value > now + tau + SANE_DEBT_US:
         return now + tau, True
     if value <= now:
         return now, False

@@ -2,15 +2,17 @@
 
 Two kinds of keys share a prefix (``throttle`` by default):
 
-- **buckets**, named by users: ``<prefix>:{<name>}`` and the bucket's pause
-  marker ``<prefix>:{<name>}:paused``.  The braces are a Redis Cluster hash
-  tag, so a bucket and its marker share a slot and different names spread
-  over the shards; a name with a tag of its own keeps it (``{acme}:api``).
-- **throttle's own keys** (live limits, metrics, the reference worker's
-  counters), under ``<prefix>:~``.  A bucket key never has ``~`` right after
-  the prefix (names starting with ``~`` are refused), so no limit or tenant
-  name can land on them: a limit called ``live`` or ``metrics`` is just a
-  limit.
+- **buckets**, named by users: ``<prefix>:{<name>}``.  The braces are a Redis
+  Cluster hash tag, so different names spread over the shards; a name with a
+  tag of its own keeps it (``{acme}:api``), so buckets meant to be decided
+  together can share a slot.
+- **throttle's own keys**, under ``<prefix>:~``: a bucket's pause marker,
+  reset marker and tickets (``<prefix>:~paused:{<name>}``... : the bucket's
+  tag, so its slot), the live limits, the metrics, the reference worker's
+  counters.  A bucket key never has ``~`` right after the prefix (names
+  starting with ``~`` are refused), so no limit or tenant name can land on
+  them: a limit called ``live`` or a tenant called ``x}:paused`` is just a
+  name.
 
 Bucket names of a Celery limit: ``<limit>`` as configured, ``<limit>@<version>``
 after a live change, and ``<...>:<tenant>`` for a per-key bucket.  Limit names
@@ -26,7 +28,7 @@ __all__ = [
     "RESERVED",
     "LIMIT_NAME",
     "bucket_key",
-    "pause_key",
+    "BucketKeys",
     "keys_label",
     "bucket_name",
     "limit_of",
@@ -45,29 +47,63 @@ LIMIT_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def has_hash_tag(key: str | bytes) -> bool:
-    """Whether Redis Cluster would hash ``key`` by a ``{tag}`` inside it."""
+    """Whether Redis Cluster hashes ``key`` by a tag: the text between the first
+    ``{`` and the first ``}`` after it, when that text is not empty."""
     raw = key.encode() if isinstance(key, str) else key
     start = raw.find(b"{")
-    return start >= 0 and raw.find(b"}", start + 2) > start
+    return start >= 0 and raw.find(b"}", start + 1) > start + 1
+
+
+def _tagged(name: bytes) -> bytes:
+    """``name`` with a hash tag: its own, ``{name}``, or (a name that starts
+    with ``}``, where ``{name}`` would be an empty tag) a fixed one."""
+    if has_hash_tag(name):
+        return name
+    wrapped = b"{" + name + b"}"
+    return wrapped if has_hash_tag(wrapped) else b"{" + RESERVED.encode() + b"}" + name
+
+
+def _own_twin(prefix: bytes, label: bytes, tail: bytes) -> bytes:
+    """``<prefix>:~<label>:<tail>``: one of throttle's own keys, in ``tail``'s slot."""
+    tail = tail if has_hash_tag(tail) else b"{" + tail + b"}"
+    own = RESERVED.encode() + label + b":" + tail
+    return prefix + b":" + own if prefix else own
+
+
+def _like(raw: bytes, model: str | bytes) -> str | bytes:
+    return raw if isinstance(model, bytes) else raw.decode()
+
+
+class BucketKeys:
+    """Every key of one bucket: its state, its pause and reset markers, its tickets.
+
+    On Redis Cluster all of them hash to the bucket's slot, so one script can
+    read them together.  An empty prefix keeps the bucket's key exactly as
+    named (the original API's keys); bytes names stay bytes so that
+    non-UTF-8 keys survive.
+    """
+
+    def __init__(self, prefix: str, name: str | bytes) -> None:
+        raw = name.encode() if isinstance(name, str) else name
+        tail = _tagged(raw) if prefix else raw
+        pre = prefix.encode()
+        self.bucket = _like(pre + b":" + tail if prefix else tail, name)
+        #: The end of the latest pause (Redis us); a slot booked before a pause that ends after it is void.
+        self.paused = _like(_own_twin(pre, b"paused", tail), name)
+        #: When the bucket was last reset (Redis us); slots booked before it are void.
+        self.reset = _like(_own_twin(pre, b"reset", tail), name)
+        self._ticket = _own_twin(pre, b"ticket", tail) + b":"
+        self._str = isinstance(name, str)
+
+    def ticket(self, ticket_id: str) -> str | bytes:
+        """The ticket a deferred task redeems at its booked slot (see ``TokenBucket.book``)."""
+        raw = self._ticket + ticket_id.encode()
+        return raw.decode() if self._str else raw
 
 
 def bucket_key(prefix: str, name: str | bytes) -> str | bytes:
-    """``<prefix>:{<name>}``, the Redis key of bucket ``name``.
-
-    An empty prefix uses the name exactly as given.  Bytes names stay bytes
-    so that non-UTF-8 keys survive.
-    """
-    if not prefix:
-        return name
-    if isinstance(name, bytes):
-        tagged = name if has_hash_tag(name) else b"{" + name + b"}"
-        return prefix.encode() + b":" + tagged
-    return f"{prefix}:{name}" if has_hash_tag(name) else f"{prefix}:{{{name}}}"
-
-
-def pause_key(key: str | bytes) -> str | bytes:
-    """Where a bucket's pause end is kept (see ``lua/gcra.lua``): same slot as the bucket."""
-    return key + b":paused" if isinstance(key, bytes) else key + ":paused"
+    """``<prefix>:{<name>}``, the Redis key of bucket ``name`` (see ``BucketKeys``)."""
+    return BucketKeys(prefix, name).bucket
 
 
 def keys_label(keys: Sequence[str | bytes]) -> str:
@@ -100,6 +136,7 @@ class LiveKeys:
         self.versions = own_key(prefix, "{live}", "versions")
         self.paused = own_key(prefix, "{live}", "paused")
         self.configured = own_key(prefix, "{live}", "configured")
+        self.pending = own_key(prefix, "{live}", "pending")
 
 
 def metrics_key(prefix: str, limit: str) -> str:

@@ -36,9 +36,11 @@ MAX_RATE = 1_000_000.0
 #: doubles stop being exact integers.  Ten years is beyond any real limit.
 MAX_BUCKET_SECONDS = 10 * 365 * 86400
 
-#: Longest reservation or pause (one day).  The script treats a stored TAT
-#: further than tau plus this from now as corrupted (its SANE_DEBT_US).
-MAX_WAIT_SECONDS = 86400
+#: Longest reservation or pause: 30 days (a backlog of 200,000 calls at
+#: 5,000/h books 40 hours ahead; a Retry-After may say days).  The script
+#: treats a stored TAT further than tau plus this from now as corrupted (its
+#: SANE_DEBT_US); Redis time plus this stays far below 2**53 microseconds.
+MAX_WAIT_SECONDS = 30 * 86400
 
 #: "enforce" defers tasks over the limit; "shadow" only counts and logs them.
 LimitMode = Literal["enforce", "shadow"]
@@ -137,6 +139,15 @@ class Limit:
         # Round the emission interval up: a bucket that is 1 us slow per token
         # is safe, one that is 1 us fast over-admits.
         interval_us = math.ceil(US_PER_S / exact)
+        if Fraction(US_PER_S, interval_us) < exact * Fraction(99, 100):
+            # Above 10,000/s a whole number of microseconds per token may be
+            # far from the rate asked (999,999/s would run at 500,000/s):
+            # refuse rather than quietly run another limit.
+            below, above = US_PER_S / interval_us, US_PER_S / (interval_us - 1)
+            raise ValueError(
+                f"rate {rate!r} cannot be kept within 1% with a whole number of microseconds per token; "
+                f"the nearest rates that can are {below:.10g}/s and {above:.10g}/s"
+            )
         if interval_us * checked_burst > MAX_BUCKET_SECONDS * US_PER_S:
             raise ValueError(
                 f"burst {checked_burst} at rate {rate!r} takes longer than {MAX_BUCKET_SECONDS} s to refill"

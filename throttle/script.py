@@ -5,7 +5,8 @@ importlib.resources), headed by its KEYS, ARGV and reply, so it can be read,
 linted and diffed as Lua:
 
 - ``gcra.lua``: every bucket decision (peek, consume, reserve, pause, refund, batch);
-- ``slot_status.lua``: the clock and pause markers for a task back at its slot;
+- ``redeem.lua``: a task back at its booked slot redeems its ticket;
+- ``slot_status.lua``: the clock and some markers, on the keys' node;
 - ``live_state.lua``: the clock and the live-limit hashes.
 
 Clients register a script with ``register_script``: redis-py sends EVALSHA
@@ -25,7 +26,7 @@ from .limit import Limit
 
 __all__ = ["ScriptName", "source", "register", "gcra_source", "script_args", "REPLY_LEN"]
 
-ScriptName = Literal["gcra", "slot_status", "live_state"]
+ScriptName = Literal["gcra", "redeem", "slot_status", "live_state"]
 
 #: Integers in one decision's reply from ``gcra.lua``.
 REPLY_LEN = 7

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .bucket import TokenBucket
@@ -26,6 +26,7 @@ class LimitStatus:
     (no one bucket to show) unless a key was asked for."""
 
     in_force: InForce
+    scheduled: InForce | None = None  # what a change already made will bring, while it is pending
     bucket: str | None = None
     tokens: int | None = None
     next_token_in: float | None = None
@@ -67,12 +68,26 @@ class LimitStatus:
         if self.bucket is not None:
             info["next_token_in"] = self.next_token_in
             info["full_in"] = self.full_in
+        if self.scheduled is not None and f.change_in > 0:
+            then = self.scheduled
+            info["scheduled"] = {
+                "in": round(f.change_in, 3),
+                "rate": then.limit.rate if then.limit is not None else None,
+                "burst": then.limit.burst if then.limit is not None else None,
+                "mode": then.mode,
+                "version": then.version,
+            }
         return info
 
 
-def describe(client: Any, prefix: str, only: str | None = None, key: str | None = None) -> dict[str, LimitStatus]:
-    """Every known limit (or ``only``) with its bucket's tokens (``key``: that tenant's)."""
-    return {name: _status(client, prefix, f, key) for name, f in LiveLimits(client, prefix).in_force(only).items()}
+def describe(
+    client: Any, prefix: str, only: str | None = None, key: str | None = None, scheduled: bool = False
+) -> dict[str, LimitStatus]:
+    """Every known limit (or ``only``) with its bucket's tokens (``key``: that tenant's);
+    ``scheduled``: as it will be once the live changes made so far take effect."""
+    live = LiveLimits(client, prefix)
+    now, then = live.in_force(only, scheduled), live.in_force(only, scheduled=True)
+    return {name: replace(_status(client, prefix, f, key), scheduled=then.get(name)) for name, f in now.items()}
 
 
 def bucket_of(in_force: InForce, key: str | None) -> str | None:

@@ -13,6 +13,7 @@
 | API_URL | http://127.0.0.1:8080 | the outbound API the example tasks call |
 | API_TIMEOUT | 10 | seconds per HTTP request |
 | RESULT_BACKEND | (none) | store results (the producer's `--wait` needs it) |
+| RESULT_SERIALIZER | (Celery's: json) | how results and errors are stored: json or pickle |
 | BROKER_VISIBILITY_TIMEOUT | (Celery's: 3600) | Redis broker: seconds before an unacked message is delivered again |
 | BUILTIN_RATE_LIMIT | (none) | Celery's own per-worker `rate_limit` for `worker.call_api_unthrottled`, for comparison |
 """
@@ -88,6 +89,9 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         }
     if env.get("RESULT_BACKEND"):
         config["result_backend"] = env["RESULT_BACKEND"]
+    if env.get("RESULT_SERIALIZER"):
+        config["result_serializer"] = env["RESULT_SERIALIZER"]
+        config["result_accept_content"] = sorted({env["RESULT_SERIALIZER"], "json"})
         config["task_ignore_result"] = False
     if env.get("BUILTIN_RATE_LIMIT"):
         config["task_annotations"] = {"worker.call_api_unthrottled": {"rate_limit": env["BUILTIN_RATE_LIMIT"]}}

@@ -180,3 +180,20 @@ def test_reference_worker_visibility_timeout() -> None:
     for bad in ("0", "-5", "nan", "inf", "ten"):
         with pytest.raises(ValueError, match="BROKER_VISIBILITY_TIMEOUT"):
             celery_config({"BROKER_VISIBILITY_TIMEOUT": bad})
+
+
+def test_celery_report_masks_a_password_given_in_the_options(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12, point 11: Celery masks ``throttle_redis_options['password']`` in ``celery report``
+    and ``inspect conf``; a password inside ``throttle_redis_url`` (which Celery shows) is warned about."""
+    from celery.app.utils import filter_hidden_settings
+
+    from throttle.celery.settings import ThrottleSettings
+
+    app = make_app(throttle_limits={"api": "1/s"}, throttle_redis_options={"password": "s3cret-pw"})
+    report = app.conf.humanize(with_defaults=False, censored=True)
+    assert "s3cret-pw" not in report and "throttle_redis_options" in report
+    assert "s3cret-pw" not in str(filter_hidden_settings(app.conf.table(with_defaults=False)))
+    assert ThrottleSettings.from_conf(app.conf).redis_options["password"] == "s3cret-pw"
+    with caplog.at_level("WARNING", logger="throttle"):
+        ThrottleSettings.from_conf({"throttle_redis_url": "redis://app:in-url-pw@127.0.0.1:6379/0"})
+    assert "throttle_redis_options" in caplog.text and "in-url-pw" not in caplog.text

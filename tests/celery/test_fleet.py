@@ -9,43 +9,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.fleet import SYSTEM_RABBITMQ_BROKER, SYSTEM_REDIS_BROKER, Fleet, broker_available
+from tests.celery.conftest import broker as _broker
 from throttle.testing.redis_server import RedisServer
 from throttle.testing.windows import peak_in_window
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
-
-BROKERS = {"redis": SYSTEM_REDIS_BROKER, "rabbitmq": SYSTEM_RABBITMQ_BROKER}
-
-
-def _broker(name: str) -> str:
-    url = BROKERS[name]
-    if not broker_available(url):
-        pytest.skip(f"no {name} broker answers at {url}")
-    return url
-
-
-@pytest.fixture
-def fleet_factory(redis_url: str) -> Iterator[Any]:
-    fleets: list[Fleet] = []
-
-    def make(broker: str, limits: dict[str, Any], throttle_redis_url: str = redis_url, **kwargs: Any) -> Fleet:
-        # Every task of tests.fleet_app needs its limit configured, or the
-        # worker refuses to start (as it should).
-        limits = {"api": {"rate": "20/s", "burst": 5}, "tenant": {"rate": "5/s", "burst": 1}, **limits}
-        fleet = Fleet(broker, throttle_redis_url, redis_url, limits, **kwargs)
-        fleets.append(fleet)
-        return fleet.start()
-
-    yield make
-    for fleet in fleets:
-        fleet.stop()
-        fleet.purge()
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])

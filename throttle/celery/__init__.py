@@ -4,6 +4,7 @@
 - ``options``: a task's ``throttle*`` options, resolved against them;
 - ``runtime``: per worker process, the Redis client, live limits and buckets;
 - ``gate``: the decision before each body (run, or defer to a booked slot);
+- ``deferral``: how a deferred task travels (headers, reasons, the re-send);
 - ``task``: ``ThrottledTask``, the base class;
 - ``signals``: what the gate tells monitors.
 """
@@ -11,7 +12,8 @@
 from __future__ import annotations
 
 from ..errors import ThrottleDeferralExpired
-from .gate import HEADER_DEFERRALS, HEADER_SINCE, HEADER_SLOT, HEADER_VERSIONS, DeferralReason
+from .deferral import HEADER_DEFERRALS, HEADER_RETRIES, HEADER_SINCE, HEADER_SLOT, HEADER_VERSIONS, DeferralReason
+from .gate import EPSILON_S, GRACE_S
 from .task import ThrottledTask
 
 __all__ = [
@@ -22,4 +24,7 @@ __all__ = [
     "HEADER_SLOT",
     "HEADER_SINCE",
     "HEADER_VERSIONS",
+    "HEADER_RETRIES",
+    "GRACE_S",
+    "EPSILON_S",
 ]

@@ -3,11 +3,17 @@
 It runs in ``ThrottledTask.before_start``, in the pool process, after the
 task was received and before its body.  With a token in the bucket it costs
 one Redis round trip and the body runs.  With the bucket empty it books the
-task's slot, sends the same task again with that countdown (same id, same
-``request.retries``, throttle's headers below) and ends this run with
-``Ignore``: the retry budget is untouched and no pool slot sleeps.  When the
-task comes back it checks, on Redis' clock, that its slot has come, and runs
-without paying again.
+task's slot, leaves a ticket for it in Redis, sends the same task again with
+that countdown (same id, same ``request.retries``, throttle's headers below)
+and ends this run with ``Ignore``: the retry budget is untouched and no pool
+slot sleeps.  When the task comes back it redeems its ticket (one round
+trip, on Redis' clock) and runs without paying again.
+
+The promise: the body starts of a limit's tasks, in any window of ``w``
+seconds, number at most ``burst + rate * (w + EPSILON_S)``.  A booked task
+starts within ``GRACE_S`` of its slot or books again (the missed slot is
+forfeit); only a ticket makes a slot, so headers copied into a retry, forged
+by a producer or delivered twice buy nothing.
 """
 
 from __future__ import annotations
@@ -15,48 +21,38 @@ from __future__ import annotations
 import logging
 import random
 import time
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from celery.exceptions import Ignore
 
+from .._core import Verdict
 from ..bucket import MultiBucket, TokenBucket
 from ..errors import BackendUnavailable, RateLimited, ThrottleDeferralExpired
 from ..keys import limit_of
-from ..limit import Limit
+from ..limit import MAX_WAIT_SECONDS, Limit
 from . import signals
+from .deferral import DeferralReason, Stamp, resend
 from .options import TaskPlan
 from .runtime import Effective, runtime_for
 
 if TYPE_CHECKING:
     from celery import Task
 
-__all__ = ["Gate", "DeferralReason", "Paid", "HEADER_DEFERRALS", "HEADER_SLOT", "HEADER_SINCE", "HEADER_VERSIONS"]
+__all__ = ["Gate", "Paid", "GRACE_S", "EPSILON_S"]
 
 logger = logging.getLogger("throttle")
 
-#: Message headers the gate adds when it defers a task.  Celery hands custom
-#: headers back as attributes of ``task.request``.
-HEADER_DEFERRALS = "throttle_deferrals"  # how many times this task was deferred
-HEADER_SLOT = "throttle_slot"  # the booked slot, Redis time in microseconds
-HEADER_SINCE = "throttle_since"  # wall-clock time of the first deferral
-HEADER_VERSIONS = "throttle_versions"  # the limits' live versions the slot was booked under
+#: How late after its booked slot (Redis time) a task may still start.  Later
+#: than that it books again and the slot is forfeit: running late would
+#: bunch up with the tasks booked after it.
+GRACE_S = 0.025
+
+#: The scheduling tolerance of the promise: GRACE_S, plus the time from the
+#: gate's decision to the first line of the body on a busy host.
+EPSILON_S = 0.05
 
 #: How an admitted task paid: tokens taken at this delivery, or a slot booked earlier.
 Paid = Literal["now", "booked"]
-
-
-class DeferralReason(StrEnum):
-    """Why a task was re-sent instead of run (signals, logs and metrics say this)."""
-
-    EMPTY = "empty"  # no token: its slot was booked
-    EARLY = "early"  # came back before its slot
-    LATE = "late"  # came back too long after its slot: booked again
-    CHANGED = "changed"  # its slot was booked under a limit that has changed since
-    PAUSED = "paused"  # the limit is paused (an operator, or a 429 after the booking)
-    RATE_LIMITED = "rate_limited"  # the body raised RateLimited
-    BACKEND = "backend"  # Redis could not answer (policy "defer")
-
 
 #: While an operator's pause lasts, waiting tasks look again this often, so
 #: that a ``throttle resume`` lets them run within seconds.
@@ -65,12 +61,12 @@ _PAUSE_HOP_S = 2.0
 #: A slot this close is waited for in place: cheaper than a broker round trip.
 _SPIN_S = 0.01
 
+#: A deferred task is sent to arrive this much before its slot (broker and
+#: timer latency), then waits the rest in place (less than _SPIN_S).
+_LEAD_S = 0.004
+
 #: While Redis is down, "defer" re-sends with these countdowns (doubling).
 _BACKEND_BACKOFF_S = (1.0, 30.0)
-
-#: How hard a deferral tries to publish before giving up (the message was
-#: already acknowledged with early acks, so publishing is what keeps it).
-_PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5.0}
 
 
 def _sleep_briefly(seconds: float) -> bool:
@@ -87,13 +83,6 @@ def _sleep_briefly(seconds: float) -> bool:
         logger.warning("could not sleep %.4fs on this host; deferring instead", seconds)
         return False
     return True
-
-
-def _header(request: Any, name: str) -> Any:
-    value = getattr(request, name, None)
-    if value is None and isinstance(getattr(request, "headers", None), dict):
-        value = request.headers.get(name)
-    return value
 
 
 class Gate:
@@ -115,15 +104,8 @@ class Gate:
         self.limit_names = tuple(nl.name for nl in plan.limits)
         self.effective: Effective | None = None
         self.shadow: TokenBucket | MultiBucket | None = None
-        request = task.request
-        self.deferrals = int(_header(request, HEADER_DEFERRALS) or 0)
-        slot = _header(request, HEADER_SLOT)
-        self.slot_us = int(slot) if slot is not None else None
-        since = _header(request, HEADER_SINCE)
-        self.since = float(since) if since is not None else None
-        versions = _header(request, HEADER_VERSIONS)
-        # None: booked by a version of throttle without live limits.
-        self.slot_versions = str(versions) if versions is not None else None
+        self.stamp = Stamp.read(task.request)
+        self.deferrals, self.since = self.stamp.deferrals, self.stamp.since
         self.runtime.publish()
 
     def _load(self) -> Effective:
@@ -139,12 +121,16 @@ class Gate:
                 # cost: it could never run.  Take the whole burst instead.
                 logger.warning(
                     "%s[%s] costs %d tokens but %s now holds %d: taking %d",
-                    self.task.name, self.task.request.id, self.cost, ",".join(self.names), burst, burst,
+                    self.task.name, self.task.request.id, self.cost, self._label(), burst, burst,
                 )  # fmt: skip
                 self.cost = burst
         if effective.shadow:
             self.shadow = self.runtime.buckets(effective.shadow)
         return effective
+
+    def _label(self, names: list[str] | None = None) -> str:
+        """Bucket names for a log line: tenants are user input, so quoted (no forged lines)."""
+        return ",".join(repr(name) for name in (self.names if names is None else names))
 
     def _count(self, field: str, n: int = 1) -> None:
         if self.runtime.metrics is not None:
@@ -158,85 +144,87 @@ class Gate:
             effective = self._load()
             if effective.pause_left > 0:
                 # An operator paused a limit: wait, looking again every few
-                # seconds; a booked slot is void (its token forfeit).
-                self._defer(min(effective.pause_left, _PAUSE_HOP_S), DeferralReason.PAUSED, None)
+                # seconds; a booked slot will be past by then (forfeit).
+                self._defer(min(effective.pause_left, _PAUSE_HOP_S), DeferralReason.PAUSED)
             if not effective.enforce:
                 self._admitted("now")  # shadow limits only: count, never defer
-            elif self.slot_us is not None and self.slot_versions not in (None, effective.versions):
+            elif self.stamp.booked and self.stamp.versions not in (None, effective.versions):
                 # Booked under a limit that has changed since: book again
                 # in the new bucket.
                 self._book(DeferralReason.CHANGED)
-            elif self.slot_us is not None:
-                self._arrive(self.slot_us)
+            elif self.stamp.booked:
+                self._arrive()
             else:
                 self._book(DeferralReason.EMPTY)
         except BackendUnavailable as exc:
             self._backend_error(exc)
 
     def rate_limited(self, exc: RateLimited) -> None:
-        """The body hit the remote API's limit: pause the fleet, defer this task."""
+        """The body hit the remote API's limit: pause the fleet, defer this task.
+
+        Always deferred, even for ``Retry-After: 0``: this delivery's body
+        already ran, so running it again needs a token of its own.  Returns
+        (without deferring) only when no limit of the task is enforced.
+        """
+        seconds = min(exc.retry_after, float(MAX_WAIT_SECONDS))
         logger.warning(
-            "%s[%s] remote API rate limited: pausing %s for %.3fs",
-            self.task.name, self.task.request.id, ",".join(self.names), exc.retry_after,
+            "%s[%s] remote API rate limited: pausing %s for %.3fs%s",
+            self.task.name, self.task.request.id, self._label(), seconds,
+            "" if seconds == exc.retry_after else f" (asked {exc.retry_after:g}s; {MAX_WAIT_SECONDS}s at most)",
         )  # fmt: skip
         try:
             if not self._load().enforce:
-                # Shadow limits only: nothing to pause; let the error be the task's.
-                raise exc
-            self.buckets.pause(exc.retry_after)
+                return  # shadow limits only: nothing to pause; the error stays the task's
+            self.buckets.pause(seconds)
             self._count("paused")
             signals.limit_paused.send(
-                sender=self.task, task_id=self.task.request.id, limits=self.names, seconds=exc.retry_after
+                sender=self.task, task_id=self.task.request.id, limits=self.names, seconds=seconds
             )
-            self._book(DeferralReason.RATE_LIMITED)
+            self._book(DeferralReason.RATE_LIMITED, may_run=False)
         except BackendUnavailable as err:
             # Cannot pause the fleet; at least this task waits what it was told.
-            self._backend_error(err, at_least=exc.retry_after)
+            self._backend_error(err, at_least=seconds)
 
     # Decisions ------------------------------------------------------------
 
-    def _arrive(self, slot_us: int) -> None:
-        """Back at a booked slot: run if it has come and no pause began since."""
-        now, paused_until = self.buckets.slot_status()
-        slot = slot_us / 1e6
-        if paused_until > slot:
-            # A 429 paused the limit after this slot was booked: the slot is
-            # void (its token is forfeit: the limit errs on the safe side).
-            self._book(DeferralReason.PAUSED)
-            return
-        wait = slot - now
-        if wait > _SPIN_S:
-            self._defer(wait, DeferralReason.EARLY, slot_us)
-        if -wait > self.plan.grace:
-            # Missed its turn (a busy worker or a backlog in the broker held
-            # it back): running now would bunch up with the tasks booked
-            # after it.  Book again; the missed token is forfeit, so the limit
-            # errs on the safe side.
-            self._book(DeferralReason.LATE)
-            return
-        if not _sleep_briefly(wait):
-            self._defer(wait, DeferralReason.EARLY, slot_us)
-        self._admitted("booked")
+    def _arrive(self) -> None:
+        """Back at a booked slot: redeem the ticket left when it was booked."""
+        redemption = self.buckets.redeem(self.task.request.id, GRACE_S, _SPIN_S)
+        verdict, wait = redemption.verdict, redemption.wait
+        if verdict is Verdict.GO and _sleep_briefly(wait):
+            self._admitted("booked")
+        elif verdict is Verdict.GO:
+            self._book(DeferralReason.LATE)  # this host cannot wait the last milliseconds: forfeit
+        elif verdict is Verdict.EARLY:
+            self._defer(wait, DeferralReason.EARLY, booked=True)
+        else:
+            # Late (running now would bunch up with the tasks booked after
+            # it), void (a pause or a reset came after the booking) or no
+            # ticket at all: book again.  A missed slot is forfeit, so the
+            # limit errs on the safe side.
+            self._book(_REBOOK[verdict])
 
-    def _book(self, reason: DeferralReason) -> None:
-        max_wait = self._budget_left()
-        decision = self.buckets.book(self.cost, max_wait=max_wait)
+    def _book(self, reason: DeferralReason, may_run: bool = True) -> None:
+        decision = self.buckets.book(self.cost, max_wait=self._budget_left())
         if not decision.allowed:
             raise ThrottleDeferralExpired(
-                f"{self.task.name}[{self.task.request.id}]: next slot of {','.join(self.names)} is "
+                f"{self.task.name}[{self.task.request.id}]: next slot of {self._label()} is "
                 f"{decision.retry_after:.1f}s away, beyond throttle_max_defer={self.settings.max_defer:g}s"
             )
         wait = decision.retry_after
-        slot_us = round((decision.server_time + wait) * 1_000_000)
-        if wait <= _SPIN_S and _sleep_briefly(wait):
+        if may_run and wait <= _SPIN_S and _sleep_briefly(wait):
             self._admitted("now")
             return
-        self._defer(wait, reason, slot_us)
+        self.buckets.issue_ticket(self.task.request.id, decision)
+        self._defer(wait, reason, booked=True)
 
     def _budget_left(self) -> float:
+        """Seconds this task may still wait (``throttle_max_defer``), within what a booking allows."""
+        limit = min(self.settings.max_defer, float(MAX_WAIT_SECONDS))
         if self.since is None:
-            return self.settings.max_defer
-        return max(0.0, self.settings.max_defer - (time.time() - self.since))
+            return limit
+        # Clamped both ways: ``since`` came from another host's clock.
+        return min(limit, max(0.0, limit - (time.time() - self.since)))
 
     def _admitted(self, paid: Paid) -> None:
         if self.shadow is not None and self.effective is not None:
@@ -245,7 +233,7 @@ class Gate:
         if self.runtime.metrics is not None:
             waited = max(0.0, time.time() - self.since) if self.since is not None else 0.0
             self.runtime.metrics.wait(self.limit_names, waited)
-        logger.debug("%s[%s] admitted by %s (%s)", self.task.name, self.task.request.id, ",".join(self.names), paid)
+        logger.debug("%s[%s] admitted by %s (%s)", self.task.name, self.task.request.id, self._label(), paid)
         signals.task_admitted.send(
             sender=self.task, task_id=self.task.request.id, limits=self.names, paid=paid, deferrals=self.deferrals
         )
@@ -258,7 +246,7 @@ class Gate:
         shadow_names = [name for name, _ in shadow]
         logger.info(
             "%s[%s] would be deferred %.3fs by %s (shadow mode: runs now)",
-            self.task.name, self.task.request.id, decision.retry_after, ",".join(shadow_names),
+            self.task.name, self.task.request.id, decision.retry_after, self._label(shadow_names),
         )  # fmt: skip
         if self.runtime.metrics is not None:
             self.runtime.metrics.count([limit_of(n) for n in shadow_names], "shadow_refused")
@@ -284,30 +272,21 @@ class Gate:
                 f"{task.name}[{request.id}]: Redis unavailable for longer than "
                 f"throttle_max_defer={self.settings.max_defer:g}s: {exc}"
             ) from exc
-        self._defer(wait, DeferralReason.BACKEND, None)
+        self._defer(wait, DeferralReason.BACKEND)
 
-    def _defer(self, wait: float, reason: DeferralReason, slot_us: int | None) -> None:
-        """Send this task again to run in ``wait`` seconds, then end this run."""
+    def _defer(self, wait: float, reason: DeferralReason, booked: bool = False) -> None:
+        """Send this task again to run in ``wait`` seconds, then end this run.
+
+        ``booked``: a ticket for its slot is in Redis (the slot header is for
+        people reading the message; the gate trusts only the ticket).
+        """
         task, request = self.task, self.task.request
-        countdown = min(wait, self.settings.max_countdown)
-        headers: dict[str, Any] = {
-            HEADER_DEFERRALS: self.deferrals + 1,
-            HEADER_SINCE: self.since if self.since is not None else time.time(),
-        }
-        if slot_us is not None:
-            headers[HEADER_SLOT] = slot_us
-            headers[HEADER_VERSIONS] = self.effective.versions if self.effective else ""
-        # Same id, same request.retries, same routing, links and chain: only
-        # the countdown and throttle's headers change.
-        signature = task.signature_from_request(request, self.args, self.kwargs)
-        merged = {**(signature.options.get("headers") or {}), **headers}
-        if slot_us is None:
-            merged.pop(HEADER_SLOT, None)
-            merged.pop(HEADER_VERSIONS, None)
-        signature.apply_async(countdown=countdown, headers=merged, retry=True, retry_policy=_PUBLISH_RETRY)
+        countdown = min(max(0.0, wait - _LEAD_S) if booked else wait, self.settings.max_countdown)
+        versions = (self.effective.versions if self.effective else "") if booked else None
+        resend(task, self.args, self.kwargs, self.stamp, wait, countdown, versions)
         logger.info(
             "%s[%s] deferred %.3fs (%s, deferral %d, limits %s)",
-            task.name, request.id, wait, reason.value, self.deferrals + 1, ",".join(self.names),
+            task.name, request.id, wait, reason.value, self.deferrals + 1, self._label(),
         )  # fmt: skip
         self._count(f"deferred:{reason.value}")
         signals.task_deferred.send(
@@ -319,3 +298,12 @@ class Gate:
             deferrals=self.deferrals + 1,
         )
         raise Ignore()
+
+
+#: Why a task books again, by what its ticket said.
+_REBOOK = {
+    Verdict.NONE: DeferralReason.UNBOOKED,
+    Verdict.LATE: DeferralReason.LATE,
+    Verdict.PAUSED: DeferralReason.PAUSED,
+    Verdict.RESET: DeferralReason.RESET,
+}

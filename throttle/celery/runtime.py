@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from celery import Celery
 from redis.exceptions import RedisError
 
-from .._core import UNAVAILABLE
+from .._core import unavailable
 from ..bucket import MultiBucket, TokenBucket
 from ..connect import client_from_url
 from ..errors import BackendUnavailable
@@ -76,9 +76,9 @@ class Runtime:
         """
         try:
             return self.live.state()
-        except UNAVAILABLE as exc:
-            raise BackendUnavailable("live limits", exc) from exc
-        except (RedisError, ValueError, TypeError):
+        except (RedisError, ValueError, TypeError) as exc:
+            if unavailable(exc):
+                raise BackendUnavailable("live limits", exc) from exc
             logger.exception("cannot read the live limits; deciding by the configured ones")
             return self.live.fall_back()
 

@@ -10,6 +10,7 @@ naming the setting, when the app is finalized (worker start, first
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from ..checks import check_prefix
 from ..connect import SCHEMES, SINGLE, redact
 from ..keys import LIMIT_NAME
 from ..limit import MAX_WAIT_SECONDS, MODES, Limit, LimitMode, NamedLimit
+
+logger = logging.getLogger("throttle")
 
 __all__ = ["ThrottleSettings", "settings_for", "parse_limits", "check_limit_name", "BackendPolicy", "ON_BACKEND_ERROR"]
 
@@ -116,6 +119,14 @@ def _redis_url(conf: Any) -> str:
         )
     if not isinstance(url, str) or not url.startswith(SCHEMES):
         raise ValueError(f"throttle_redis_url must start with one of {', '.join(SCHEMES)}; got {redact(url)!r}")
+    if redact(url) != url:
+        # Celery masks settings named like *PASS*/*KEY* and the broker URL in
+        # `celery report` and `celery inspect conf`, but not this one.
+        logger.warning(
+            "throttle_redis_url carries a password, which `celery report` and `celery inspect conf` show: "
+            "put it in throttle_redis_options={'password': ...} instead (Celery masks that): %s",
+            redact(url),
+        )
     return url
 
 

@@ -89,6 +89,22 @@ class ThrottledTask(Task):  # type: ignore[misc]
             return
         Gate(self, plan, list(args or ()), dict(kwargs or {})).admit()
 
+    def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, *rest: Any, **options: Any) -> Any:
+        """Celery's ``retry``; a ``RateLimited`` ``exc`` pauses the fleet instead.
+
+        ``autoretry_for=(Exception,)`` turns every exception of the body into
+        ``self.retry(exc=...)``, RateLimited too: here it does what a raised
+        RateLimited does (pause the limits fleet-wide, defer this task at no
+        cost to its retry budget), so a 429 is never a plain retry.
+        """
+        request = self.request
+        plan = self._throttle_plan
+        if isinstance(exc, RateLimited) and plan is not None and not (request.is_eager or request.called_directly):
+            call_args = list(request.args if args is None else args)
+            call_kwargs = dict(request.kwargs if kwargs is None else kwargs)
+            Gate(self, plan, call_args, call_kwargs).rate_limited(exc)
+        return super().retry(args, kwargs, exc, *rest, **options)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly or request.is_eager or self._throttle_plan is None:
@@ -99,4 +115,4 @@ class ThrottledTask(Task):  # type: ignore[misc]
             return self.run(*args, **kwargs)
         except RateLimited as exc:
             Gate(self, self._throttle_plan, list(args), dict(kwargs)).rate_limited(exc)
-            raise  # not reached: rate_limited() always raises
+            raise  # only shadow limits: the error is the task's

@@ -7,11 +7,14 @@
 -- Admitting `cost` tokens moves TAT forward by cost * interval.
 --
 -- KEYS[i]          bucket i, i = 1..n (all keys share a hash tag on Redis Cluster)
--- KEYS[n+i]        pause mode only: bucket i's pause marker (optional)
+-- KEYS[n+i]        pause mode: bucket i's pause marker (optional);
+--                  reset mode: bucket i's reset marker
 -- ARGV[1]          mode: 0 peek, 1 consume, 2 reserve, 3 pause, 4 refund,
---                  5 batch (several independent decisions; see the end)
+--                  5 batch (several independent decisions; see the end),
+--                  6 reset (forget the buckets; see the end)
 -- ARGV[2]          cost in tokens (the same for every bucket)
--- ARGV[3]          reserve: max_wait in us; pause: pause length in us
+-- ARGV[3]          reserve: max_wait in us; pause: pause length in us;
+--                  reset: how long the reset markers must live, in us
 -- ARGV[2+2i]       interval_us of bucket i (1e6 / rate, rounded up)
 -- ARGV[3+2i]       tau_us of bucket i (burst * interval_us)
 --
@@ -29,20 +32,22 @@
 --
 -- Pause also sets each bucket's marker to the pause's end (Redis us): a task
 -- that booked a slot before the pause finds it there and books again, rather
--- than running inside the pause.
+-- than running inside the pause (lua/redeem.lua).  Reset deletes the buckets
+-- and sets their reset markers to now: every slot booked before is void.
 
 -- Needs Redis >= 5: scripts are replicated by their effects, so reading
 -- TIME before writing is allowed (and replicas get plain SETs).
 
 -- The modes (ARGV[1]); throttle.gcra.Mode holds the same numbers.
-local PEEK, CONSUME, RESERVE, PAUSE, REFUND, BATCH = 0, 1, 2, 3, 4, 5
+local PEEK, CONSUME, RESERVE, PAUSE, REFUND, BATCH, RESET = 0, 1, 2, 3, 4, 5, 6
 
 local time = redis.call('TIME')
 local now = time[1] * 1000000 + time[2]
 
--- Any legitimate TAT lies within tau plus one day (the longest reservation or
--- pause the client accepts) of now.  Beyond that the value is corrupted.
-local SANE_DEBT_US = 86400000000
+-- Any legitimate TAT lies within tau plus 30 days (the longest reservation or
+-- pause the client accepts: throttle.limit.MAX_WAIT_SECONDS) of now.  Beyond
+-- that the value is corrupted.
+local SANE_DEBT_US = 2592000000000
 
 -- One all-or-nothing decision over n buckets: KEYS[k0 + i] with
 -- (interval, tau) at ARGV[a0 + 2i - 1], ARGV[a0 + 2i]; pause markers (pause
@@ -62,11 +67,13 @@ local function decide(mode, cost, limit_us, n, k0, a0, with_markers)
     local raw = redis.pcall('GET', KEYS[k0 + i])
     local tat = now
     if raw then
-      -- A string that is a sane number is ours; anything else (garbage, NaN,
+      -- Whole decimal microseconds within reach are ours (string.format
+      -- '%.0f' writes them); anything else (garbage, "0x10", "1e9", "1_000",
       -- absurdly far, or an error reply for a key of another type) is not,
       -- and is treated as an empty bucket: the limit errs on the safe side.
-      local value = type(raw) == 'string' and tonumber(raw)
-      if not value or value ~= value or value > now + tau + SANE_DEBT_US then
+      -- throttle/gcra.py reads values by the same rule.
+      local value = type(raw) == 'string' and string.match(raw, '^%d+$') and tonumber(raw)
+      if not value or value > now + tau + SANE_DEBT_US then
         tat = now + tau
         corrupt[i] = true
         recovered = 1
@@ -191,4 +198,16 @@ if mode == BATCH then
 end
 
 local n = (#ARGV - 3) / 2
+
+if mode == RESET then
+  -- The buckets are full again, and tasks holding slots booked in them
+  -- before now must book again (their tickets are older than the marker).
+  local ttl_ms = math.ceil(tonumber(ARGV[3]) / 1000)
+  for i = 1, n do
+    redis.call('DEL', KEYS[i])
+    redis.call('SET', KEYS[n + i], string.format('%.0f', now), 'PX', ttl_ms)
+  end
+  return {1, 0, 0, 0, 0, now, 0}
+end
+
 return decide(mode, tonumber(ARGV[2]), tonumber(ARGV[3]), n, 0, 3, #KEYS == 2 * n)

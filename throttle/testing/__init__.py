@@ -13,7 +13,7 @@ from __future__ import annotations
 from .cluster import EmbeddedCluster
 from .processes import Children, Closing, spawn, stop_groups
 from .redis_server import RedisServer, find_redis_server, free_port
-from .windows import peak_in_window, per_second
+from .windows import Segment, Violation, peak_in_window, per_second, violations
 
 __all__ = [
     "Children",
@@ -22,8 +22,11 @@ __all__ = [
     "RedisServer",
     "find_redis_server",
     "free_port",
+    "Segment",
+    "Violation",
     "peak_in_window",
     "per_second",
     "spawn",
     "stop_groups",
+    "violations",
 ]

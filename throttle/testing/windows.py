@@ -1,15 +1,19 @@
 """Counting events in time windows: how tests, the demo and the mock API check a limit.
 
 A limit of ``rate`` per second with ``burst`` promises at most
-``burst + rate * w`` events in any window of ``w`` seconds; these helpers
-measure what actually happened from recorded times.
+``burst + rate * (w + epsilon)`` body starts in any window of ``w`` seconds
+(``throttle.celery.EPSILON_S``); these helpers measure what actually
+happened from recorded times, and ``violations`` checks the promise on every
+window, across live changes of the limit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-__all__ = ["peak_in_window", "per_second"]
+__all__ = ["peak_in_window", "per_second", "Segment", "Violation", "allowed_in", "violations"]
 
 
 def peak_in_window(times: Sequence[float], window: float = 1.0) -> int:
@@ -31,3 +35,61 @@ def per_second(times: Sequence[float], start: float) -> list[int]:
     for t in times:
         counts[max(0, int(t - start))] += 1
     return counts
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A limit in force from ``start`` (seconds, the clock the starts were recorded on) until the next segment."""
+
+    start: float
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A window that held more starts than the limit allows."""
+
+    first: float
+    last: float
+    starts: int
+    allowed: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.starts} starts in {self.last - self.first:.3f}s "
+            f"[{self.first:.3f}, {self.last:.3f}], at most {self.allowed:.2f} allowed"
+        )
+
+
+def allowed_in(first: float, last: float, segments: Sequence[Segment], epsilon: float) -> float:
+    """Starts the limit allows in ``[first, last]``: ``burst + rate * (w + epsilon)`` per
+    segment the window touches, ``w`` its overlap (a change lets one fresh burst through)."""
+    total = 0.0
+    for index, seg in enumerate(segments):
+        end = segments[index + 1].start if index + 1 < len(segments) else math.inf
+        if last < seg.start or first >= end:
+            continue
+        overlap = min(last, end) - max(first, seg.start)
+        total += seg.burst + seg.rate * (max(0.0, overlap) + epsilon)
+    return total
+
+
+def violations(times: Sequence[float], segments: Sequence[Segment], epsilon: float) -> list[Violation]:
+    """Every window between two starts that holds more starts than allowed (all window lengths).
+
+    The promise is checked on windows that begin and end at a start: a
+    window without a start at an end holds no more starts than the one
+    shrunk to them, and is allowed at least as many.
+    """
+    if not segments:
+        raise ValueError("segments must name at least the limit in force from the start")
+    ordered = sorted(times)
+    found: list[Violation] = []
+    for i, first in enumerate(ordered):
+        for j in range(i, len(ordered)):
+            count = j - i + 1
+            allowed = allowed_in(first, ordered[j], segments, epsilon)
+            if count > allowed + 1e-9:
+                found.append(Violation(first, ordered[j], count, allowed))
+    return found

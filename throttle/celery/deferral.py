@@ -1,0 +1,124 @@
+"""How a deferred task travels: throttle's message headers, why it waits, the re-send.
+
+A deferral re-sends the same task (same id, same ``request.retries``, same
+routing, links and chain) with a countdown and a few headers, then ends this
+run with ``Ignore``: the retry budget is untouched and no pool slot sleeps.
+The headers are bookkeeping (how often, since when), never a permission: a
+booked slot is a ticket in Redis (``TokenBucket.issue_ticket``), so copied or
+forged headers buy nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from celery import Task
+
+__all__ = [
+    "DeferralReason",
+    "Stamp",
+    "resend",
+    "HEADER_DEFERRALS",
+    "HEADER_SLOT",
+    "HEADER_SINCE",
+    "HEADER_VERSIONS",
+    "HEADER_RETRIES",
+]
+
+#: Message headers the gate adds when it defers a task.  Celery hands custom
+#: headers back as attributes of ``task.request``.
+HEADER_DEFERRALS = "throttle_deferrals"  # how many times this task was deferred
+HEADER_SLOT = "throttle_slot"  # wall-clock time of the booked slot, for people reading messages
+HEADER_SINCE = "throttle_since"  # wall-clock time of the first deferral
+HEADER_VERSIONS = "throttle_versions"  # the limits' live versions the slot was booked under
+HEADER_RETRIES = "throttle_retries"  # request.retries when deferred: a Celery retry copies headers, not this run
+
+#: How hard a deferral tries to publish before giving up (the message was
+#: already acknowledged with early acks, so publishing is what keeps it).
+_PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5.0}
+
+
+class DeferralReason(StrEnum):
+    """Why a task was re-sent instead of run (signals, logs and metrics say this)."""
+
+    EMPTY = "empty"  # no token: its slot was booked
+    EARLY = "early"  # came back before its slot
+    LATE = "late"  # came back more than GRACE_S after its slot: booked again
+    CHANGED = "changed"  # its slot was booked under a limit that has changed since
+    PAUSED = "paused"  # the limit is paused (an operator, or a 429 after the booking)
+    RESET = "reset"  # its bucket was reset after the booking: booked again
+    UNBOOKED = "unbooked"  # came with slot headers but no ticket (a copy, a forgery, a duplicate)
+    RATE_LIMITED = "rate_limited"  # the body raised RateLimited
+    BACKEND = "backend"  # Redis could not answer (policy "defer")
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What throttle's headers say of this delivery (nothing, for a new task)."""
+
+    deferrals: int = 0
+    since: float | None = None  # wall-clock time of the first deferral
+    booked: bool = False  # deferred to a booked slot (its ticket is in Redis, if anywhere)
+    versions: str | None = None  # the live versions it was booked under
+
+    @classmethod
+    def read(cls, request: Any) -> Stamp:
+        """The stamp of ``request``; empty when the headers are not this run's.
+
+        ``Task.retry`` copies the request's headers into the retry: the
+        retry starts afresh (its own budget, its own booking).
+        """
+        if _header(request, HEADER_DEFERRALS) is None:
+            return cls()
+        stamped = _header(request, HEADER_RETRIES)
+        if stamped is not None and _int(stamped) != int(request.retries or 0):
+            return cls()
+        since = _header(request, HEADER_SINCE)
+        versions = _header(request, HEADER_VERSIONS)
+        return cls(
+            deferrals=_int(_header(request, HEADER_DEFERRALS)),
+            since=float(since) if isinstance(since, (int, float)) else None,
+            booked=_header(request, HEADER_SLOT) is not None,
+            versions=str(versions) if versions is not None else None,
+        )
+
+
+def resend(
+    task: Task, args: list[Any], kwargs: dict[str, Any], stamp: Stamp, wait: float, countdown: float,
+    versions: str | None,
+) -> None:  # fmt: skip
+    """Send ``task`` again to arrive in ``countdown`` seconds; ``versions``: booked under these (None: not booked)."""
+    request = task.request
+    headers: dict[str, Any] = {
+        HEADER_DEFERRALS: stamp.deferrals + 1,
+        HEADER_SINCE: stamp.since if stamp.since is not None else time.time(),
+        HEADER_RETRIES: int(request.retries or 0),
+    }
+    if versions is not None:
+        headers[HEADER_SLOT] = round((time.time() + wait) * 1000) / 1000
+        headers[HEADER_VERSIONS] = versions
+    signature = task.signature_from_request(request, args, kwargs)
+    merged = {**(signature.options.get("headers") or {}), **headers}
+    if versions is None:
+        merged.pop(HEADER_SLOT, None)
+        merged.pop(HEADER_VERSIONS, None)
+    signature.apply_async(countdown=countdown, headers=merged, retry=True, retry_policy=_PUBLISH_RETRY)
+
+
+def _header(request: Any, name: str) -> Any:
+    value = getattr(request, name, None)
+    if value is None and isinstance(getattr(request, "headers", None), dict):
+        value = request.headers.get(name)
+    return value
+
+
+def _int(value: object) -> int:
+    """A header that should be a whole number; 0 when it is not (headers are input)."""
+    try:
+        return int(value)  # type: ignore[call-overload,no-any-return]
+    except (TypeError, ValueError, OverflowError):
+        return 0
