@@ -11,6 +11,7 @@ closing note lists how).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -139,6 +140,39 @@ def test_late_arrivals_forfeit_their_slot(fleet_factory: Any, redis_url: str) ->
     assert len(times) == 42
     assert_promise(times, [Segment(changed, 50, 1)])
     assert fleet.counts("deferred").get("late", 0) >= 1, "the busy slot made some tasks late"
+
+
+def test_a_lowered_limit_takes_effect_everywhere_at_once(fleet_factory: Any, redis_url: str) -> None:
+    """Live overrides down: from the moment the change takes effect no worker
+    runs the old rate on (workers read the live state every 0.5 s; the change
+    is scheduled 1 s ahead, so each switches at the same Redis time)."""
+    fleet = fleet_factory(
+        broker("redis"), {"paths": {"rate": "40/s", "burst": 5, "per_key": False}}, app_module=APP, workers=2,
+        concurrency=3,
+    )  # fmt: skip
+
+    def feed() -> None:  # keep the bucket busy: 60 tasks a second for 4 s
+        for round_ in range(40):
+            fleet.send("fleet.paths", [(round_ * 6 + i, ["ok"]) for i in range(6)])
+            time.sleep(0.1)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        time.sleep(1.5)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            live = LiveLimits(client, f"throttle-{fleet.queue}")
+            live.set("paths", rate="4/s", burst=1)
+            at = live.read().pending["paths"].at
+        finally:
+            client.close()
+    finally:
+        feeder.join()
+    time.sleep(1.5)
+    times = [t for t in starts(fleet) if t < at + 2.5]
+    assert len([t for t in times if t < at]) > 40, "the old limit was busy before the change"
+    assert_promise(times, [Segment(0, 40, 5), Segment(at, 4, 1)])
 
 
 def test_slow_limit_has_a_small_grace(fleet_factory: Any) -> None:
