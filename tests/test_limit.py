@@ -170,3 +170,27 @@ def test_rates_the_clock_cannot_keep_are_refused(rate: str | int) -> None:
 def test_rates_within_one_percent_are_kept(rate: str) -> None:
     limit = Limit(rate)
     assert 0.99 * parse_rate(rate) <= 1e6 / limit.interval_us <= parse_rate(rate)
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_errors_cross_celery_result_backends_whole(serializer: str) -> None:
+    """Issue 12, point 6: a result backend stores an exception as its type and
+    ``args`` and rebuilds it as ``type(*args)``; every throttle error comes
+    back as itself, with its data, keywords or not."""
+    from celery import Celery
+    from celery.backends.base import BaseBackend
+
+    from throttle import BackendUnavailable, RateLimited
+    from throttle.errors import ThrottleDeferralExpired
+
+    backend = BaseBackend(Celery(set_as_current=False), serializer=serializer)
+    for error in (
+        BackendUnavailable("live limits", redis.exceptions.ConnectionError("refused")),
+        RateLimited(retry_after=2.5),
+        RateLimited(0, message="Retry-After: 0"),
+        ThrottleDeferralExpired("waited too long"),
+    ):
+        back = backend.exception_to_python(backend.prepare_exception(error, serializer))
+        assert type(back) is type(error), back
+        assert str(back).split(":")[0] == str(error).split(":")[0]
+        assert getattr(back, "retry_after", None) == getattr(error, "retry_after", None)

@@ -61,14 +61,21 @@ def redis_now(url: str) -> float:
 
 
 def test_retry_after_zero_defers_and_runs_again(fleet_factory: Any) -> None:
-    """Point 1: ``RateLimited(retry_after=0)`` (a real ``Retry-After: 0``) is a deferral, never a failure."""
-    fleet = fleet_factory(broker("redis"), {"paths": {"rate": "5/s", "burst": 1, "per_key": False}}, app_module=APP)
-    ids = fleet.send("fleet.paths", [(i, ["429:0", "ok"]) for i in range(5)])
+    """Point 1: ``RateLimited(retry_after=0)`` (a real ``Retry-After: 0``) is a deferral, never a failure.
+
+    The bucket has tokens left when the 429 comes (burst 3, tasks one by
+    one): a pause of 0 s leaves one, which the re-run may take at once.
+    """
+    fleet = fleet_factory(broker("redis"), {"paths": {"rate": "5/s", "burst": 3, "per_key": False}}, app_module=APP)
+    ids = []
+    for i in range(5):
+        ids += fleet.send("fleet.paths", [(i, ["429:0", "ok"])])
+        time.sleep(0.6)
     assert sorted(wait_finished(fleet, 5, 30)) == sorted(ids)
     assert fleet.counts("failed") == {}
     admitted = Counter(json.loads(x)["id"] for x in _list(fleet, "admissions"))
     assert admitted == dict.fromkeys(ids, 2), "one admission per body start, two starts each"
-    assert_promise(starts(fleet), [Segment(0, 5, 1)])
+    assert_promise(starts(fleet), [Segment(0, 5, 3)])
 
 
 def test_retry_pays_for_its_own_start(fleet_factory: Any) -> None:

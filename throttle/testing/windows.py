@@ -39,7 +39,11 @@ def per_second(times: Sequence[float], start: float) -> list[int]:
 
 @dataclass(frozen=True)
 class Segment:
-    """A limit in force from ``start`` (seconds, the clock the starts were recorded on) until the next segment."""
+    """A limit in force from ``start`` until the next segment begins.
+
+    ``start`` is in seconds on the clock the starts were recorded on (Redis
+    time in the fleet tests); the first segment usually starts at 0.
+    """
 
     start: float
     rate: float
