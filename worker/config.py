@@ -89,10 +89,10 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         }
     if env.get("RESULT_BACKEND"):
         config["result_backend"] = env["RESULT_BACKEND"]
+        config["task_ignore_result"] = False
     if env.get("RESULT_SERIALIZER"):
         config["result_serializer"] = env["RESULT_SERIALIZER"]
         config["result_accept_content"] = sorted({env["RESULT_SERIALIZER"], "json"})
-        config["task_ignore_result"] = False
     if env.get("BUILTIN_RATE_LIMIT"):
         config["task_annotations"] = {"worker.call_api_unthrottled": {"rate_limit": env["BUILTIN_RATE_LIMIT"]}}
     return config

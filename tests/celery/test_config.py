@@ -197,3 +197,14 @@ def test_celery_report_masks_a_password_given_in_the_options(caplog: pytest.LogC
     with caplog.at_level("WARNING", logger="throttle"):
         ThrottleSettings.from_conf({"throttle_redis_url": "redis://app:in-url-pw@127.0.0.1:6379/0"})
     assert "throttle_redis_options" in caplog.text and "in-url-pw" not in caplog.text
+
+
+def test_reference_worker_keeps_results_when_given_a_backend() -> None:
+    """``RESULT_BACKEND`` alone makes the reference worker store results (the producer's ``--wait`` reads them)."""
+    from worker.config import celery_config
+
+    config = celery_config({"RESULT_BACKEND": "redis://127.0.0.1:6379/1"})
+    assert config["result_backend"] == "redis://127.0.0.1:6379/1" and config["task_ignore_result"] is False
+    assert celery_config({})["task_ignore_result"] is True
+    pickled = celery_config({"RESULT_BACKEND": "redis://h/1", "RESULT_SERIALIZER": "pickle"})
+    assert pickled["result_serializer"] == "pickle" and pickled["result_accept_content"] == ["json", "pickle"]
