@@ -327,8 +327,8 @@ def test_a_refused_cross_slot_booking_never_gives_a_slot_twice(r: redis.Redis, p
     another caller booked behind it in between (the rewind handed that caller's
     slot out a second time).  Driven step by step (as ``MultiBucket`` does on
     a cluster) to put the other caller exactly in between."""
-    from throttle._core import Split
     from throttle.gcra import Mode
+    from throttle.slots import Split
 
     a = TokenBucket(r, "split-a", rate="10/s", burst=1, prefix=prefix)
     b = TokenBucket(r, "split-b", rate="1/s", burst=1, prefix=prefix)
@@ -349,7 +349,7 @@ def test_a_refused_cross_slot_booking_never_gives_a_slot_twice(r: redis.Redis, p
 
 def test_tickets_are_redeemed_once(r: redis.Redis, prefix: str) -> None:
     """A slot is a ticket in Redis: redeemed once; a copy, a forgery or a reset finds nothing to use."""
-    from throttle._core import Verdict
+    from throttle.tickets import Verdict
 
     bucket = TokenBucket(r, "tickets", rate="20/s", burst=1, prefix=prefix)
     assert bucket.consume().allowed

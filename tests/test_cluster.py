@@ -22,11 +22,11 @@ from bench.hammer import hammer
 from bench.limiters import throttle_bucket
 from tests.fleet import SYSTEM_REDIS_BROKER, Fleet, broker_available
 from throttle import AsyncMultiBucket, AsyncTokenBucket, MultiBucket, TokenBucket
-from throttle._core import Verdict
 from throttle.connect import client_from_url
 from throttle.keys import BucketKeys
 from throttle.testing.cluster import EmbeddedCluster
 from throttle.testing.windows import peak_in_window
+from throttle.tickets import Verdict
 
 pytestmark = pytest.mark.cluster
 

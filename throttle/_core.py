@@ -1,31 +1,28 @@
 """What the sync and asyncio buckets share: everything but the I/O.
 
 ``throttle.bucket`` (redis-py) and ``throttle.aio`` (redis.asyncio) mirror each
-other method for method; both build on this module, so the rules live once:
-which keys and ARGV a decision sends (``ScriptPlan``), how a reply becomes a
-``Decision``, how decisions that span Redis Cluster slots are taken slot by
-slot with refunds (``split_steps``), and which errors mean "Redis cannot
-answer" (``UNAVAILABLE``).
+other method for method; both build on this module (and on ``slots`` for
+Redis Cluster, ``tickets`` for booked slots), so the rules live once: which
+keys and ARGV a decision sends (``ScriptPlan``), how a reply becomes a
+``Decision``, and which errors mean "Redis cannot answer" (``UNAVAILABLE``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, Protocol
 
 import redis.exceptions
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.cluster import RedisCluster
-from redis.crc import key_slot
 
 from .checks import check_cost, check_key, check_prefix, check_seconds, seconds_to_us
+from .decision import Decision
 from .gcra import Mode
 from .keys import BucketKeys, keys_label
-from .limit import MAX_WAIT_SECONDS, US_PER_S, Limit
+from .limit import US_PER_S, Limit
 from .script import register, script_args
+from .slots import slot_groups
+from .tickets import RESET_MARKER_US
 
 __all__ = [
     "UNAVAILABLE",
@@ -39,16 +36,6 @@ __all__ = [
     "Decidable",
     "make_bucket",
     "join",
-    "is_cluster",
-    "slot_of",
-    "slot_groups",
-    "split_steps",
-    "Split",
-    "combine",
-    "merge_statuses",
-    "Verdict",
-    "Redemption",
-    "TICKET_SLACK_S",
 ]
 
 #: Errors that mean "Redis cannot or will not answer right now", as opposed
@@ -81,59 +68,6 @@ def unavailable(exc: BaseException) -> bool:
 
 #: ``reserve()`` books at most this far ahead unless told otherwise.
 DEFAULT_MAX_WAIT = 60.0
-
-#: A ticket outlives its slot by this much: a task later than that finds no
-#: ticket and books again (it would be "late" anyway).
-TICKET_SLACK_S = 3600.0
-
-#: Reset markers live as long as any slot booked before them can be ahead.
-_RESET_MARKER_US = (MAX_WAIT_SECONDS + int(TICKET_SLACK_S)) * US_PER_S
-
-
-class Verdict(IntEnum):
-    """What ``redeem`` says of a ticket (the values are ``lua/redeem.lua``'s)."""
-
-    NONE = 0  # no ticket (never booked, already redeemed, forged, expired): book again
-    GO = 1  # the slot has come: run
-    EARLY = 2  # the slot is still ahead: wait again (the ticket stays)
-    LATE = 3  # too late for the slot: book again
-    PAUSED = 4  # a pause began after the booking and ends after the slot: book again
-    RESET = 5  # the bucket was reset after the booking: book again
-
-
-@dataclass(frozen=True)
-class Redemption:
-    """A ticket redeemed: the verdict, ``wait`` = slot - now in seconds (negative when late)."""
-
-    verdict: Verdict
-    wait: float
-    server_time: float
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the bucket said.  ``bool(decision)`` is ``allowed``.
-
-    - ``remaining``: whole tokens left (in the emptiest bucket of a multi-limit).
-    - ``retry_after``: seconds until the same call could be granted; for a
-      reservation, seconds until the booked slot.  Never rounded down.
-    - ``reset_after``: seconds until every bucket is full again.
-    - ``refused_by``: the name of the bucket that refused (longest wait), or None.
-    - ``server_time``: the Redis time, in seconds, the decision was made at.
-    - ``recovered``: a bucket held a value throttle did not write; it was
-      treated as empty (the limit errs on the safe side).
-    """
-
-    allowed: bool
-    remaining: int
-    retry_after: float
-    reset_after: float
-    refused_by: str | bytes | None = None
-    server_time: float = 0.0
-    recovered: bool = False
-
-    def __bool__(self) -> bool:
-        return self.allowed
 
 
 @dataclass(frozen=True)
@@ -224,50 +158,7 @@ class ScriptPlan:
     @staticmethod
     def reset() -> tuple[Mode, int, int]:
         """(mode, cost, limit_us) of ``reset``: the reset markers' lifetime."""
-        return Mode.RESET, 1, _RESET_MARKER_US
-
-    def ticket(self, ticket_id: object, decision: Decision) -> tuple[str | bytes, str, int]:
-        """(key, value, ttl_ms) of the ticket for a booked ``decision``."""
-        if not isinstance(ticket_id, str) or not ticket_id:
-            raise ValueError(f"ticket_id must be a non-empty str, got {ticket_id!r}")
-        if not decision.allowed:
-            raise ValueError("a ticket is for a granted booking; this decision was refused")
-        booked = round(decision.server_time * US_PER_S)
-        slot = booked + math.ceil(decision.retry_after * US_PER_S)
-        ttl_ms = math.ceil((decision.retry_after + TICKET_SLACK_S) * 1000)
-        return self.buckets[0].keys.ticket(ticket_id), f"{slot}:{booked}", ttl_ms
-
-    def redeem_call(
-        self, ticket_id: str, grace: float, spin: float, outside: tuple[float, float, float]
-    ) -> tuple[list[str | bytes], list[int]]:
-        """KEYS and ARGV of ``redeem.lua``; ``outside``: (now, pause end, reset) of other slots."""
-        check_key(ticket_id, "ticket_id")
-        keys = [self.buckets[0].keys.ticket(ticket_id), *self.pause_keys, *self.reset_keys]
-        _, paused, reset = outside
-        args = [
-            seconds_to_us(check_seconds(grace, "grace")),
-            seconds_to_us(check_seconds(spin, "spin")),
-            round(paused * US_PER_S),
-            round(reset * US_PER_S),
-        ]
-        return keys, args
-
-    @staticmethod
-    def redemption(reply: Sequence[int]) -> Redemption:
-        verdict, wait_us, now_us = reply
-        return Redemption(Verdict(int(verdict)), int(wait_us) / US_PER_S, int(now_us) / US_PER_S)
-
-    @staticmethod
-    def markers(reply: Sequence[Any], pauses: int) -> tuple[float, float, float]:
-        """``slot_status.lua``'s reply over pause then reset markers: (now, latest pause end, latest reset)."""
-        (seconds, micros), values = reply
-        numbers = [int(v) if v and (v if isinstance(v, str) else v.decode()).isdigit() else 0 for v in values]
-        paused, reset = numbers[:pauses], numbers[pauses:]
-        return (
-            int(seconds) + int(micros) / US_PER_S,
-            max(paused, default=0) / US_PER_S,
-            max(reset, default=0) / US_PER_S,
-        )
+        return Mode.RESET, 1, RESET_MARKER_US
 
     @staticmethod
     def status(reply: Sequence[Any]) -> tuple[float, float]:
@@ -349,106 +240,3 @@ def join(buckets: Sequence[Any], kind: type) -> tuple[Any, list[BucketRef]]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"buckets must have distinct keys, got {keys!r}")
     return client, refs
-
-
-def is_cluster(client: object) -> bool:
-    """Whether ``client`` is a redis-py Redis Cluster client (sync or asyncio)."""
-    return isinstance(client, (RedisCluster, AsyncRedisCluster))
-
-
-def slot_of(key: str | bytes) -> int:
-    """The Redis Cluster slot of ``key``."""
-    return key_slot(key.encode() if isinstance(key, str) else key)
-
-
-def slot_groups(client: object, buckets: Sequence[BucketRef]) -> list[list[BucketRef]]:
-    """The buckets grouped by Redis Cluster slot, in order; one group elsewhere."""
-    if not is_cluster(client):
-        return [list(buckets)]
-    groups: dict[int, list[BucketRef]] = {}
-    for bucket in buckets:
-        groups.setdefault(slot_of(bucket.key), []).append(bucket)
-    return list(groups.values())
-
-
-#: One step of a split decision: (index of the slot's part, mode, cost, limit_us).
-Step = tuple[int, Mode, int, int]
-
-
-def split_steps(parts: int, mode: Mode, cost: int, limit_us: int) -> Generator[Step, Decision, Decision]:
-    """Decide slot by slot: each slot's buckets atomically, in order.
-
-    Yields the calls to make and is sent their decisions (the caller does the
-    I/O, sync or async).  A consume refused in a later slot gives the tokens
-    taken in the earlier ones back (``Mode.REFUND``): tokens are
-    interchangeable, so giving back is exact even if others took some in
-    between.  Booked slots are not: rewinding a bucket after another caller
-    booked behind us would hand our slot out twice, so a refused booking
-    leaves the earlier slots' bookings in place (forfeit).  Either way the
-    limit can only err on the safe side; if Redis fails half-way, what was
-    taken stays taken, for the same reason.
-    """
-    decisions: list[Decision] = []
-    for index in range(parts):
-        decision = yield index, mode, cost, limit_us
-        decisions.append(decision)
-        if not decision.allowed and mode in (Mode.CONSUME, Mode.RESERVE):
-            for earlier in range(index) if mode is Mode.CONSUME else ():
-                yield earlier, Mode.REFUND, cost, 0
-            break
-    return combine(decisions)
-
-
-class Split:
-    """Drives ``split_steps`` for a caller that does the I/O::
-
-    split = Split(len(parts), mode, cost, limit_us)
-    while not split.answer(parts[split.index].run(*split.call)):
-        pass
-    return split.result
-    """
-
-    def __init__(self, parts: int, mode: Mode, cost: int, limit_us: int) -> None:
-        self._steps = split_steps(parts, mode, cost, limit_us)
-        self.index, first_mode, first_cost, first_limit = next(self._steps)
-        self.call: tuple[Mode, int, int] = (first_mode, first_cost, first_limit)
-        self.result: Decision | None = None
-
-    def answer(self, decision: Decision) -> bool:
-        """Hand in the decision of the current call; True once the result is known."""
-        try:
-            self.index, mode, cost, limit_us = self._steps.send(decision)
-        except StopIteration as done:
-            self.result = done.value
-            return True
-        self.call = (mode, cost, limit_us)
-        return False
-
-
-def combine(decisions: Sequence[Decision]) -> Decision:
-    """One decision from those of several slots.
-
-    Refused: the longest refusal speaks.  Granted: the latest slot of all,
-    measured from the latest clock (shards' clocks are assumed NTP-synced).
-    """
-    now = max(d.server_time for d in decisions)
-    refused = [d for d in decisions if not d.allowed]
-    if refused:
-        worst = max(refused, key=lambda d: d.retry_after)
-        wait, refused_by = worst.retry_after, worst.refused_by
-    else:
-        wait, refused_by = max(0.0, max(d.server_time + d.retry_after for d in decisions) - now), None
-    return Decision(
-        allowed=not refused,
-        remaining=min(d.remaining for d in decisions),
-        retry_after=wait,
-        reset_after=max(d.reset_after for d in decisions),
-        refused_by=refused_by,
-        server_time=now,
-        recovered=any(d.recovered for d in decisions),
-    )
-
-
-def merge_statuses(statuses: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """Several slots' statuses as one: the earliest clock, the latest pause."""
-    return min(now for now, _ in statuses), max(paused for _, paused in statuses)

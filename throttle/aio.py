@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from redis.exceptions import RedisError
 
 from . import _core as core
-from ._core import BucketRef, BucketsBase, Decision, SingleBucket
+from . import slots, tickets
+from ._core import BucketRef, BucketsBase, SingleBucket
+from .decision import Decision
 from .errors import BackendUnavailable, ReservationRefused
 from .gcra import Mode
 from .limit import Limit
@@ -36,7 +38,7 @@ class AsyncBuckets(BucketsBase):
         super().__init__(client, buckets, "redis.asyncio")
         self._parts = [AsyncBuckets(client, group) for group in self.groups] if len(self.groups) > 1 else []
         # Batches on an asyncio cluster client go one decision at a time.
-        self.batch_slot = None if self._parts or core.is_cluster(client) else 0
+        self.batch_slot = None if self._parts or slots.is_cluster(client) else 0
 
     @property
     def redis(self) -> AsyncRedis:
@@ -53,7 +55,7 @@ class AsyncBuckets(BucketsBase):
     async def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
         plan = self.plan
         if self._parts:
-            split = core.Split(len(self._parts), mode, cost, limit_us)
+            split = slots.Split(len(self._parts), mode, cost, limit_us)
             while not split.answer(await self._parts[split.index]._run(*split.call)):
                 pass
             return cast(Decision, split.result)
@@ -90,10 +92,10 @@ class AsyncBuckets(BucketsBase):
 
     async def issue_ticket(self, ticket_id: str, decision: Decision) -> None:
         """See ``TokenBucket.issue_ticket``."""
-        key, value, ttl_ms = self.plan.ticket(ticket_id, decision)
+        key, value, ttl_ms = tickets.ticket_entry(self.plan, ticket_id, decision)
         await self._guard(lambda: self._redis.set(key, value, px=ttl_ms))
 
-    async def redeem(self, ticket_id: str, grace: float, spin: float = 0.0) -> core.Redemption:
+    async def redeem(self, ticket_id: str, grace: float, spin: float = 0.0) -> tickets.Redemption:
         """See ``TokenBucket.redeem``."""
         if self._parts:
             marks = [await part._markers() for part in self._parts[1:]]
@@ -103,15 +105,15 @@ class AsyncBuckets(BucketsBase):
 
     async def _redeem(
         self, ticket_id: str, grace: float, spin: float, outside: tuple[float, float, float]
-    ) -> core.Redemption:
-        keys, args = self.plan.redeem_call(ticket_id, grace, spin, outside)
+    ) -> tickets.Redemption:
+        keys, args = tickets.redeem_call(self.plan, ticket_id, grace, spin, outside)
         reply: Any = await self._guard(lambda: self.redeem_script(keys=keys, args=args))
-        return self.plan.redemption(reply)
+        return tickets.redemption(reply)
 
     async def _markers(self) -> tuple[float, float, float]:
         keys = [*self.plan.pause_keys, *self.plan.reset_keys]
         reply: Any = await self._guard(lambda: self.status_script(keys=keys))
-        return self.plan.markers(reply, len(self.plan.pause_keys))
+        return tickets.read_markers(reply, len(self.plan.pause_keys))
 
     async def server_time(self) -> float:
         """The Redis server's clock, in seconds."""
@@ -121,7 +123,7 @@ class AsyncBuckets(BucketsBase):
     async def slot_status(self) -> tuple[float, float]:
         """(Redis time, end of the latest pause or 0.0); see ``TokenBucket.slot_status``."""
         if self._parts:
-            return core.merge_statuses([await part.slot_status() for part in self._parts])
+            return slots.merge_statuses([await part.slot_status() for part in self._parts])
         return self.plan.status(await self._guard(lambda: self.status_script(keys=self.plan.pause_keys)))
 
 

@@ -22,13 +22,15 @@ from typing import Any
 
 import redis.exceptions
 
-from ._core import DEFAULT_MAX_WAIT, UNAVAILABLE, Decidable, Decision, is_cluster, unavailable
+from ._core import DEFAULT_MAX_WAIT, UNAVAILABLE, Decidable, unavailable
 from .aio import AsyncBuckets
 from .bucket import SyncBuckets
 from .checks import check_seconds, seconds_to_us
+from .decision import Decision
 from .errors import BackendUnavailable
 from .gcra import Mode
 from .script import REPLY_LEN
+from .slots import is_cluster
 
 __all__ = [
     "consume_many",

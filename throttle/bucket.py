@@ -17,7 +17,9 @@ import redis
 import redis.exceptions
 
 from . import _core as core
-from ._core import BucketRef, BucketsBase, Decision, SingleBucket
+from . import slots, tickets
+from ._core import BucketRef, BucketsBase, SingleBucket
+from .decision import Decision
 from .errors import BackendUnavailable, ReservationRefused
 from .gcra import Mode
 from .limit import Limit
@@ -46,10 +48,10 @@ class SyncBuckets(BucketsBase):
             raise TypeError(f"strategy='transaction' needs a redis.Redis client, got {type(client).__name__}")
         self.strategy: Strategy = strategy
         # On Redis Cluster, buckets in different slots cannot share a script
-        # call: each slot's buckets are decided in turn (see _core.split_steps).
+        # call: each slot's buckets are decided in turn (see slots.split_steps).
         self._parts = [SyncBuckets(client, g, strategy) for g in self.groups] if len(self.groups) > 1 else []
         if strategy == "script" and not self._parts:
-            self.batch_slot = core.slot_of(self.plan.keys[0]) if core.is_cluster(client) else 0
+            self.batch_slot = slots.slot_of(self.plan.keys[0]) if slots.is_cluster(client) else 0
 
     @property
     def redis(self) -> SyncRedis:
@@ -74,7 +76,7 @@ class SyncBuckets(BucketsBase):
     def _run(self, mode: Mode, cost: int, limit_us: int = 0) -> Decision:
         plan = self.plan
         if self._parts:
-            split = core.Split(len(self._parts), mode, cost, limit_us)
+            split = slots.Split(len(self._parts), mode, cost, limit_us)
             while not split.answer(self._parts[split.index]._run(*split.call)):
                 pass
             return cast(Decision, split.result)
@@ -134,15 +136,15 @@ class SyncBuckets(BucketsBase):
         only ``ticket_id``; the slot lives in Redis, where no copy of the
         caller can forge or reuse it.
         """
-        key, value, ttl_ms = self.plan.ticket(ticket_id, decision)
+        key, value, ttl_ms = tickets.ticket_entry(self.plan, ticket_id, decision)
         self._guard(lambda: self._redis.set(key, value, px=ttl_ms))
 
-    def redeem(self, ticket_id: str, grace: float, spin: float = 0.0) -> core.Redemption:
+    def redeem(self, ticket_id: str, grace: float, spin: float = 0.0) -> tickets.Redemption:
         """At the booked slot: may the holder of ``ticket_id`` go now?  One round trip.
 
         ``GO`` when the slot is no more than ``spin`` seconds ahead (sleep
         ``wait``, then go) and no more than ``grace`` seconds behind; see
-        ``Verdict`` for the rest.  The ticket is used up unless ``EARLY``.
+        ``tickets.Verdict`` for the rest.  The ticket is used up unless ``EARLY``.
         """
         if self._parts:
             marks = [part._markers() for part in self._parts[1:]]
@@ -152,13 +154,13 @@ class SyncBuckets(BucketsBase):
 
     def _redeem(
         self, ticket_id: str, grace: float, spin: float, outside: tuple[float, float, float]
-    ) -> core.Redemption:
-        keys, args = self.plan.redeem_call(ticket_id, grace, spin, outside)
-        return self.plan.redemption(self._guard(lambda: self.redeem_script(keys=keys, args=args)))
+    ) -> tickets.Redemption:
+        keys, args = tickets.redeem_call(self.plan, ticket_id, grace, spin, outside)
+        return tickets.redemption(self._guard(lambda: self.redeem_script(keys=keys, args=args)))
 
     def _markers(self) -> tuple[float, float, float]:
         keys = [*self.plan.pause_keys, *self.plan.reset_keys]
-        return self.plan.markers(self._guard(lambda: self.status_script(keys=keys)), len(self.plan.pause_keys))
+        return tickets.read_markers(self._guard(lambda: self.status_script(keys=keys)), len(self.plan.pause_keys))
 
     def server_time(self) -> float:
         """The Redis server's clock, in seconds: the clock every decision uses."""
@@ -172,7 +174,7 @@ class SyncBuckets(BucketsBase):
         come: run if the time has come and no pause began after the booking.
         """
         if self._parts:
-            return core.merge_statuses([part.slot_status() for part in self._parts])
+            return slots.merge_statuses([part.slot_status() for part in self._parts])
         return self.plan.status(self._guard(lambda: self.status_script(keys=self.plan.pause_keys)))
 
 

@@ -12,6 +12,11 @@
     throttle watch                        # live table, refreshed each second
     throttle metrics --port 9464          # Prometheus endpoint
 
+This module is longer than the others (about 390 lines) on purpose: it is the
+whole command line, one short function per command around one click group,
+and reads best in one place; what the commands show comes from
+``throttle.status`` and what they change from ``throttle.live``.
+
 Redis is ``--redis-url`` or, as for the reference worker, ``THROTTLE_REDIS_URL``
 (then a Redis ``BROKER_URL``, then ``redis://localhost:6379/0``); the key
 prefix is ``--prefix`` or ``THROTTLE_PREFIX`` (default ``throttle``).  Read

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from celery.exceptions import Ignore
 
-from .._core import Verdict
 from ..bucket import MultiBucket, TokenBucket
 from ..errors import BackendUnavailable, RateLimited, ThrottleDeferralExpired
 from ..keys import limit_of
 from ..limit import MAX_WAIT_SECONDS, Limit
+from ..tickets import Verdict
 from . import signals
 from .deferral import DeferralReason, Stamp, resend
 from .options import TaskPlan
