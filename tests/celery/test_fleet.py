@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from tests.celery.conftest import broker as _broker
+from throttle.celery import EPSILON_S
 from throttle.testing.redis_server import RedisServer
-from throttle.testing.windows import peak_in_window
+from throttle.testing.windows import Segment, peak_in_window, violations
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
@@ -32,10 +33,19 @@ def test_fleet_holds_the_limit(fleet_factory: Any, broker: str) -> None:
     assert max(ran.values()) == 1, "no task ran twice"
     starts = sorted(r["t"] for r in records)
     assert peak_in_window(starts) <= 25, "at most rate + burst bodies in any 1 s"
-    assert starts[-1] - starts[0] <= 10.5, "slot booking uses the limit (ideal 9.75 s)"
+    # Slot booking uses the limit: ideal 9.75 s.  Tasks the initial flood
+    # holds back more than 25 ms past their slot forfeit it (exactness over
+    # throughput): measured 10.0-10.4 s on an idle machine, 10.6 s under CI load.
+    assert starts[-1] - starts[0] <= 11.0, "slot booking uses the limit"
     assert all(r["retries"] == 0 for r in records), "deferrals never spend the retry budget"
     deferred = sum(fleet.counts("deferred").values())
+    print(
+        f"fleet ({broker}): peak {peak_in_window(starts)} in any 1 s, first to last {starts[-1] - starts[0]:.2f} s, "
+        f"{deferred / 200:.3f} deferrals per task {dict(fleet.counts('deferred'))}"
+    )
     assert deferred / 200 <= 1.2, f"{deferred} deferrals for 200 tasks"
+    # The promise on every window, not only 1 s ones.
+    assert not violations(starts, [Segment(0, 20, 5)], EPSILON_S)
 
 
 def test_threads_pool_holds_the_limit(fleet_factory: Any) -> None:

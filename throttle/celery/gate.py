@@ -59,11 +59,11 @@ Paid = Literal["now", "booked"]
 _PAUSE_HOP_S = 2.0
 
 #: A slot this close is waited for in place: cheaper than a broker round trip.
-_SPIN_S = 0.01
+_SPIN_S = 0.025
 
 #: A deferred task is sent to arrive this much before its slot (broker and
 #: timer latency), then waits the rest in place (less than _SPIN_S).
-_LEAD_S = 0.004
+_LEAD_S = 0.015
 
 #: While Redis is down, "defer" re-sends with these countdowns (doubling).
 _BACKEND_BACKOFF_S = (1.0, 30.0)
