@@ -27,6 +27,7 @@ __all__ = [
     "HEADER_SINCE",
     "HEADER_VERSIONS",
     "HEADER_RETRIES",
+    "HEADER_ETA",
 ]
 
 #: Message headers the gate adds when it defers a task.  Celery hands custom
@@ -36,6 +37,7 @@ HEADER_SLOT = "throttle_slot"  # wall-clock time of the booked slot, for people 
 HEADER_SINCE = "throttle_since"  # wall-clock time of the first deferral
 HEADER_VERSIONS = "throttle_versions"  # the limits' live versions the slot was booked under
 HEADER_RETRIES = "throttle_retries"  # request.retries when deferred: a Celery retry copies headers, not this run
+HEADER_ETA = "throttle_eta"  # when it should arrive, Redis time in seconds (see throttle.celery.request)
 
 #: How hard a deferral tries to publish before giving up (the message was
 #: already acknowledged with early acks, so publishing is what keeps it).
@@ -89,15 +91,21 @@ class Stamp:
 
 def resend(
     task: Task, args: list[Any], kwargs: dict[str, Any], stamp: Stamp, wait: float, countdown: float,
-    versions: str | None,
+    versions: str | None, redis_now: float | None = None,
 ) -> None:  # fmt: skip
-    """Send ``task`` again to arrive in ``countdown`` seconds; ``versions``: booked under these (None: not booked)."""
+    """Send ``task`` again to arrive in ``countdown`` seconds; ``versions``: booked under these (None: not booked).
+
+    ``redis_now``: the Redis time of the decision, so the arrival is also
+    written on Redis' clock (``HEADER_ETA``) for workers whose own clocks differ.
+    """
     request = task.request
     headers: dict[str, Any] = {
         HEADER_DEFERRALS: stamp.deferrals + 1,
         HEADER_SINCE: stamp.since if stamp.since is not None else time.time(),
         HEADER_RETRIES: int(request.retries or 0),
     }
+    if redis_now is not None:
+        headers[HEADER_ETA] = round(redis_now + countdown, 6)
     if versions is not None:
         headers[HEADER_SLOT] = round((time.time() + wait) * 1000) / 1000
         headers[HEADER_VERSIONS] = versions
@@ -106,6 +114,8 @@ def resend(
     if versions is None:
         merged.pop(HEADER_SLOT, None)
         merged.pop(HEADER_VERSIONS, None)
+    if redis_now is None:
+        merged.pop(HEADER_ETA, None)
     signature.apply_async(countdown=countdown, headers=merged, retry=True, retry_policy=_PUBLISH_RETRY)
 
 

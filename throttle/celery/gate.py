@@ -69,20 +69,21 @@ _LEAD_S = 0.015
 _BACKEND_BACKOFF_S = (1.0, 30.0)
 
 
-def _sleep_briefly(seconds: float) -> bool:
-    """Wait out a slot a few milliseconds away; False if this host cannot.
+def _wait_briefly(seconds: float) -> None:
+    """Wait out a slot at most ``_SPIN_S`` away, in place.
 
-    Some environments refuse a short sleep (seen under libfaketime: EINVAL);
-    the caller then defers the task to its slot instead of failing it.
+    Some hosts refuse a short sleep (seen under libfaketime: EINVAL); there
+    the wait is spun out on the monotonic clock instead (at most _SPIN_S of
+    CPU), so the task still starts at its slot, neither early nor late.
     """
     if seconds <= 0:
-        return True
+        return
+    deadline = time.monotonic() + seconds
     try:
         time.sleep(seconds)
     except OSError:
-        logger.warning("could not sleep %.4fs on this host; deferring instead", seconds)
-        return False
-    return True
+        while time.monotonic() < deadline:
+            pass
 
 
 class Gate:
@@ -191,12 +192,11 @@ class Gate:
         """Back at a booked slot: redeem the ticket left when it was booked."""
         redemption = self.buckets.redeem(self.task.request.id, GRACE_S, _SPIN_S)
         verdict, wait = redemption.verdict, redemption.wait
-        if verdict is Verdict.GO and _sleep_briefly(wait):
+        if verdict is Verdict.GO:
+            _wait_briefly(wait)
             self._admitted("booked")
-        elif verdict is Verdict.GO:
-            self._book(DeferralReason.LATE)  # this host cannot wait the last milliseconds: forfeit
         elif verdict is Verdict.EARLY:
-            self._defer(wait, DeferralReason.EARLY, booked=True)
+            self._defer(wait, DeferralReason.EARLY, booked=True, redis_now=redemption.server_time)
         else:
             # Late (running now would bunch up with the tasks booked after
             # it), void (a pause or a reset came after the booking) or no
@@ -212,11 +212,12 @@ class Gate:
                 f"{decision.retry_after:.1f}s away, beyond throttle_max_defer={self.settings.max_defer:g}s"
             )
         wait = decision.retry_after
-        if may_run and wait <= _SPIN_S and _sleep_briefly(wait):
+        if may_run and wait <= _SPIN_S:
+            _wait_briefly(wait)
             self._admitted("now")
             return
         self.buckets.issue_ticket(self.task.request.id, decision)
-        self._defer(wait, reason, booked=True)
+        self._defer(wait, reason, booked=True, redis_now=decision.server_time)
 
     def _budget_left(self) -> float:
         """Seconds this task may still wait (``throttle_max_defer``), within what a booking allows."""
@@ -274,16 +275,18 @@ class Gate:
             ) from exc
         self._defer(wait, DeferralReason.BACKEND)
 
-    def _defer(self, wait: float, reason: DeferralReason, booked: bool = False) -> None:
+    def _defer(self, wait: float, reason: DeferralReason, booked: bool = False, redis_now: float | None = None) -> None:
         """Send this task again to run in ``wait`` seconds, then end this run.
 
         ``booked``: a ticket for its slot is in Redis (the slot header is for
         people reading the message; the gate trusts only the ticket).
+        ``redis_now``: the Redis time ``wait`` counts from, so that workers
+        read the arrival on Redis' clock, not their own (``ThrottleRequest``).
         """
         task, request = self.task, self.task.request
         countdown = min(max(0.0, wait - _LEAD_S) if booked else wait, self.settings.max_countdown)
         versions = (self.effective.versions if self.effective else "") if booked else None
-        resend(task, self.args, self.kwargs, self.stamp, wait, countdown, versions)
+        resend(task, self.args, self.kwargs, self.stamp, wait, countdown, versions, redis_now)
         logger.info(
             "%s[%s] deferred %.3fs (%s, deferral %d, limits %s)",
             task.name, request.id, wait, reason.value, self.deferrals + 1, self._label(),

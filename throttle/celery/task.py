@@ -51,6 +51,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
     #: The options above, resolved when the app is finalized.
     _throttle_plan: TaskPlan | None = None
 
+    #: The worker reads a deferral's ETA on Redis' clock (hosts' clocks may differ).
+    Request = "throttle.celery.request:ThrottleRequest"
+
     @classmethod
     def bind(cls, app: Celery) -> Any:
         bound = super().bind(app)

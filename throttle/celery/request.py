@@ -1,0 +1,115 @@
+"""The worker side of a deferred task's ETA: read on Redis' clock, not the host's.
+
+A deferred task carries a Celery ETA, which the worker that fetches it
+compares with its *own* clock.  When hosts' clocks disagree (by seconds, on a
+fleet without NTP), a task deferred on one host and fetched by another
+arrives early or late by the difference: early costs a hop, late costs its
+slot (it books again), and a fleet with skewed hosts can spend most of its
+time bouncing tasks between them.
+
+So the gate also writes the arrival time in Redis time (``throttle_eta``),
+and ``ThrottleRequest`` (the worker's request class for throttled tasks)
+turns it into this host's time with this host's measured offset to Redis.
+Without a measured offset (Redis unreachable so far), Celery's own ETA
+stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+from celery.worker.request import Request
+from redis.exceptions import RedisError
+
+from ..connect import client_from_url
+from .deferral import HEADER_ETA
+from .settings import settings_for
+
+__all__ = ["ThrottleRequest", "ClockOffset", "clock_offset"]
+
+logger = logging.getLogger("throttle")
+
+#: How often a worker measures its clock against Redis' (a drifting clock
+#: moves milliseconds a minute; a stepped one is caught within this).
+_REFRESH_S = 10.0
+
+
+class ClockOffset:
+    """Redis time minus this host's time, measured now and then in the background."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._client: Any = None
+        self.value: float | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def measure(self) -> float | None:
+        """One measurement (round trip halved); the last known offset if Redis cannot answer."""
+        try:
+            if self._client is None:
+                settings = settings_for(self._app)
+                self._client = client_from_url(settings.redis_url, **settings.redis_options)
+            before = time.time()
+            seconds, micros = self._client.time()
+            after = time.time()
+        except (RedisError, OSError, ValueError) as exc:
+            logger.debug("cannot measure this host's clock against Redis: %s", exc)
+            return self.value
+        self.value = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+        return self.value
+
+    def get(self) -> float | None:
+        """The offset (first call measures it; a daemon thread keeps it fresh)."""
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self.measure()
+                    self._thread = threading.Thread(target=self._run, name="throttle-clock", daemon=True)
+                    self._thread.start()
+        return self.value
+
+    def _run(self) -> None:
+        stop = threading.Event()  # never set: Event.wait works where time.sleep may not (libfaketime)
+        while True:
+            stop.wait(_REFRESH_S)
+            self.measure()
+
+
+_offsets: dict[tuple[int, int], ClockOffset] = {}
+_offsets_lock = threading.Lock()
+
+
+def clock_offset(app: Celery) -> float | None:
+    """This process's offset to the Redis clock of ``app``'s buckets, in seconds (None: not known)."""
+    ident = (id(app), os.getpid())
+    found = _offsets.get(ident)
+    if found is None:
+        with _offsets_lock:
+            found = _offsets.setdefault(ident, ClockOffset(app))
+    return found.get()
+
+
+class ThrottleRequest(Request):  # type: ignore[misc]
+    """Celery's request, with the ETA of a throttle deferral read on Redis' clock."""
+
+    @property
+    def eta(self) -> datetime | None:
+        eta: datetime | None = self._eta
+        target = self._request_dict.get(HEADER_ETA)
+        if eta is None or target is None:
+            return eta
+        try:
+            redis_time = float(target)
+        except (TypeError, ValueError):
+            return eta  # a header is input: Celery's ETA stands
+        offset = clock_offset(self._app)
+        if offset is None:
+            return eta
+        return datetime.fromtimestamp(redis_time - offset, tz=UTC)
