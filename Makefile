@@ -30,10 +30,12 @@ demo: $(STAMP)
 	$(BIN)/python -m producer.demo $(DEMO_ARGS)
 
 # The bucket against its peers, then how it scales (processes, cluster,
-# batching, the Celery gate, memory for 1,000,000 tenants).
+# batching, the Celery gate, memory for 1,000,000 tenants), then a backlog
+# of 100,000 tasks: countdowns vs the waiting room.
 bench: $(STAMP)
 	$(BIN)/python -m bench.bucket $(BENCH_ARGS)
 	$(BIN)/python -m bench.scale $(SCALE_ARGS)
+	$(BIN)/python -m bench.backlog $(BACKLOG_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

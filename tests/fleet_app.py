@@ -38,11 +38,12 @@ def recorder() -> redis.Redis:
     return _record
 
 
-def record(task: Any, **extra: Any) -> None:
+def record(task: Any, at: tuple[int, int] | None = None, **extra: Any) -> None:
+    """Record a body start at ``at`` (a TIME reply taken at the body's first line), or now."""
     req = task.request
     # The recording Redis' clock, not this host's: hosts' clocks may be
     # shifted on purpose (the clock-skew test).
-    seconds, micros = recorder().time()
+    seconds, micros = at if at is not None else recorder().time()
     entry = {
         "id": req.id,
         "task": task.name,

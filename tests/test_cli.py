@@ -22,6 +22,7 @@ from throttle.celery.settings import parse_limits
 from throttle.cli import parse_duration
 from throttle.live import LiveLimits
 from throttle.metrics import MetricsRecorder
+from throttle.room import WaitingRoom
 from throttle.testing.redis_server import free_port
 
 SCRIPT = str(Path(sys.executable).parent / "throttle")
@@ -124,19 +125,20 @@ def test_reset(redis_url: str, r: redis.Redis, fleet_prefix: str) -> None:
 def test_watch_prints_rates(redis_url: str, r: redis.Redis, fleet_prefix: str) -> None:
     recorder = MetricsRecorder(r, fleet_prefix)
     proc = subprocess.Popen(
-        [SCRIPT, "watch", "--interval", "1", "--count", "2", "--json"],
+        [SCRIPT, "watch", "--interval", "1", "--count", "3", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "THROTTLE_REDIS_URL": redis_url, "THROTTLE_PREFIX": fleet_prefix},
     )  # fmt: skip
-    time.sleep(0.5)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the baseline is taken (however slowly the command started)
     recorder.count(["api"], "admitted:now", 30)
     recorder.count(["api"], "deferred:empty", 10)
     recorder.flush()
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    lines = [json.loads(line) for line in out.splitlines()]
-    assert len(lines) == 2
-    assert sum(line["api"]["admitted_per_s"] for line in lines) == pytest.approx(30, rel=0.3)
+    lines = [json.loads(line) for line in [first, *out.splitlines()]]
+    assert len(lines) == 3
+    assert sum(line["api"]["admitted_per_s"] for line in lines[1:]) == pytest.approx(30, rel=0.3)
     assert lines[-1]["api"]["admitted_total"] == 30 and lines[-1]["api"]["deferred_total"] == 10
     table = run(redis_url, fleet_prefix, "watch", "--interval", "0.2", "--count", "1")
     assert table.returncode == 0 and "throttle watch" in table.stdout and "api" in table.stdout
@@ -222,3 +224,29 @@ def test_parse_duration() -> None:
     for bad in ("", "0s", "-1s", "1w", "31d", "s"):
         with pytest.raises(ValueError, match="duration"):
             parse_duration(bad)
+
+
+def test_parked_tasks_show_and_release(redis_url: str, r: redis.Redis, fleet_prefix: str) -> None:
+    room = WaitingRoom(r, fleet_prefix)
+    seconds, micros = r.time()
+    now = seconds + micros / 1e6
+    for n in range(5):
+        room.park("api", f"t{n}", now + 100 + n, b"m", version=0)
+    room.park("tenant:acme", "t9", now + 50, b"m", version=0)
+    listed = json.loads(run(redis_url, fleet_prefix, "list", "--json").stdout)
+    assert listed["api"]["parked"] == 5 and 99 < listed["api"]["next_release_in"] <= 100
+    assert 103 < listed["api"]["last_release_in"] <= 104
+    assert listed["tenant"]["parked"] == 1
+    info = json.loads(run(redis_url, fleet_prefix, "inspect", "tenant", "--key", "acme", "--json").stdout)["tenant"]
+    assert info["parked"] == 1 and info["metrics"]["parked"] == 0
+    assert (
+        json.loads(run(redis_url, fleet_prefix, "inspect", "tenant", "--key", "x", "--json").stdout)["tenant"]["parked"]
+        == 0
+    )
+    table = run(redis_url, fleet_prefix, "list", env={"COLUMNS": "200"})
+    assert "parked" in table.stdout and "5 (next in " in table.stdout
+    out = run(redis_url, fleet_prefix, "release", "api")
+    assert out.returncode == 0 and "5 parked tasks" in out.stdout, out.stderr
+    after = json.loads(run(redis_url, fleet_prefix, "list", "--json").stdout)["api"]
+    assert after["parked"] == 5 and after["last_release_in"] < 1, "all due now, for the workers' releasers"
+    assert run(redis_url, fleet_prefix, "release", "tenant", "--key", "globex").returncode == 1

@@ -9,10 +9,11 @@
     throttle pause api --for 60s          # admit nothing of it, fleet-wide
     throttle resume api
     throttle reset api [--key acme]       # a fresh (full) bucket
+    throttle release api [--key acme]     # parked tasks back to the broker now
     throttle watch                        # live table, refreshed each second
     throttle metrics --port 9464          # Prometheus endpoint
 
-This module is longer than the others (about 390 lines) on purpose: it is the
+This module is longer than the others (about 420 lines) on purpose: it is the
 whole command line, one short function per command around one click group,
 and reads best in one place; what the commands show comes from
 ``throttle.status`` and what they change from ``throttle.live``.
@@ -40,11 +41,12 @@ import redis
 
 from .bucket import TokenBucket
 from .connect import SCHEMES, SINGLE, client_from_url, redact
-from .keys import LIMIT_NAME
+from .keys import LIMIT_NAME, room_of
 from .limit import MAX_WAIT_SECONDS, MODES, LimitMode
 from .live import CHANGE_DELAY_S, LiveLimits, Override
 from .metrics import read_metrics, summarise
 from .prometheus import ThrottleCollector
+from .room import WaitingRoom
 from .status import LimitStatus, WatchRow, WatchSampler, bucket_of, describe
 
 __all__ = ["main", "cli", "parse_duration"]
@@ -139,14 +141,19 @@ def _limits_table(described: dict[str, LimitStatus]) -> Any:
     from rich.table import Table
 
     table = Table(title="throttle limits")
-    for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "version"):
-        table.add_column(col, justify="left" if col in ("limit", "mode", "source") else "right")
+    # Short headers: the table fits an 80-column terminal.
+    for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "ver", "parked"):
+        table.add_column(col, justify="left" if col in ("limit", "mode", "source") else "right",
+                         no_wrap=col in ("tokens", "mode"))  # fmt: skip
     for name, status in described.items():
         f = status.in_force
         tokens = "per key" if f.per_key and status.tokens is None else _fmt(status.tokens)
         paused = f"{f.pause_left:.0f}s" if f.pause_left else ""
+        parked = str(status.parked) if status.parked else ""
+        if status.next_release_in is not None:
+            parked += f" (next in {status.next_release_in:.0f}s)"
         table.add_row(name, _fmt(status.rate), _fmt(status.burst), f.mode, status.source, tokens, paused,
-                      str(f.version))  # fmt: skip
+                      str(f.version), parked)  # fmt: skip
     return table
 
 
@@ -196,7 +203,7 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
 
     console = Console()
     console.print(_limits_table({name: status}))
-    for field in ("configured", "override", "bucket", "next_token_in", "full_in"):
+    for field in ("configured", "override", "bucket", "next_token_in", "full_in", "last_release_in"):
         if info.get(field) is not None:
             console.print(f"{field}: {info[field]}")
     console.print("counters: " + ", ".join(f"{k} {v:g}" for k, v in info["metrics"].items()))
@@ -299,6 +306,23 @@ def reset(obj: Context, name: str, key: str | None) -> None:
 
 
 @cli.command()
+@click.argument("name", callback=lambda ctx, param, value: _name(value))
+@click.option("--key", default=None, help="only this tenant's room")
+@click.pass_obj
+def release(obj: Context, name: str, key: str | None) -> None:
+    """Send NAME's parked tasks back to the broker now (they meet the gate again)."""
+    if key is not None and not key:
+        raise click.BadParameter("must not be empty", param_hint="--key")
+    room = WaitingRoom(obj.client, obj.prefix)
+    rooms = [room_of(name, key)] if key is not None else room.rooms(name)
+    version = obj.live.in_force(only=name)[name].version
+    # All due now: the workers' releasers publish them within a tick.
+    released = sum(room.replan(r, version, None) for r in rooms)
+    _require(released > 0, f"{name!r} has no parked tasks" + (f" for {key!r}" if key else ""))
+    click.echo(f"{name}: {released} parked tasks go back to the broker now (the gate still holds the limit)")
+
+
+@cli.command()
 @click.option("--interval", type=click.FloatRange(min=0.1, max=60), default=1.0, help="seconds between refreshes")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="stop after this many refreshes")
 @click.option("--json", "as_json", is_flag=True, help="one JSON line per refresh instead of a table")
@@ -313,12 +337,14 @@ def watch(obj: Context, interval: float, count: int | None, as_json: bool) -> No
 
     def table(rows: dict[str, WatchRow]) -> Table:
         t = Table(title=f"throttle watch ({redact(obj.url)}, every {interval:g}s)")
-        for col in ("limit", "rate/s", "admitted/s", "deferred/s", "mean wait", "tokens", "mode", "paused"):
+        columns = ("limit", "rate/s", "admitted/s", "deferred/s", "mean wait", "tokens", "mode", "paused", "parked")
+        for col in columns:
             t.add_column(col, justify="left" if col in ("limit", "mode") else "right")
         for name, r in rows.items():
             t.add_row(
                 name, _fmt(r.rate), f"{r.admitted_per_s:.1f}", f"{r.deferred_per_s:.1f}",
                 f"{r.mean_wait_s:.2f}s", _fmt(r.tokens), r.mode, f"{r.pause_left:.0f}s" if r.pause_left else "",
+                str(r.parked),
             )  # fmt: skip
         return t
 

@@ -34,6 +34,10 @@ __all__ = [
     "limit_of",
     "has_hash_tag",
     "LiveKeys",
+    "RoomKeys",
+    "rooms_key",
+    "room_of",
+    "room_of_bucket",
     "metrics_key",
     "own_key",
     "stats_key",
@@ -137,6 +141,44 @@ class LiveKeys:
         self.paused = own_key(prefix, "{live}", "paused")
         self.configured = own_key(prefix, "{live}", "configured")
         self.pending = own_key(prefix, "{live}", "pending")
+
+
+class RoomKeys:
+    """One waiting room (see ``throttle.room``), all in the room's own cluster slot.
+
+    A room is named like a bucket without its version (``api``,
+    ``api:tenant``): parked tasks stay in it across live changes, and
+    tenants' rooms spread over the shards like their buckets.
+    """
+
+    def __init__(self, prefix: str, room: str) -> None:
+        tag = _tagged(room.encode()).decode()
+        #: zset: entry (task id) -> when to release it, Redis time in us.
+        self.entries = own_key(prefix, "room", tag)
+        #: hash: entry -> the parked message.
+        self.messages = own_key(prefix, "room", tag, "m")
+        #: zset: entry -> when its release claim expires (a releaser that died gives it back).
+        self.claims = own_key(prefix, "room", tag, "c")
+        #: hash: "version" -> the room's limit version its release times were planned under.
+        self.plan = own_key(prefix, "room", tag, "p")
+        #: prefix of the markers that tell a released message from a second copy of it.
+        self.released = own_key(prefix, "room", tag, "r") + ":"
+
+
+def rooms_key(prefix: str) -> str:
+    """The index of rooms: zset room name -> its earliest release (Redis us)."""
+    return own_key(prefix, "{rooms}")
+
+
+def room_of(limit: str, tenant: str | None = None) -> str:
+    """The room of ``limit``'s tasks (``tenant``'s, for a per-key limit): a bucket name without version."""
+    return bucket_name(limit, 0, tenant)
+
+
+def room_of_bucket(name: str) -> str:
+    """The room of bucket ``name``: ``api@3:tenant`` -> ``api:tenant`` (the version dropped)."""
+    head, sep, tenant = name.partition(":")
+    return head.split("@", 1)[0] + sep + tenant
 
 
 def metrics_key(prefix: str, limit: str) -> str:

@@ -31,6 +31,9 @@ on every worker: workers learn of it within ``REFRESH_S``, and until the
 moment comes they keep the limit in force before (``pending``).  So no worker
 decides by the old limit while another already decides by the new one: a
 decrease never lets the old rate run on anywhere.
+Changes of one limit take effect one after the other: a change made while
+another is pending waits (at most ``CHANGE_DELAY_S``) until that one is in
+force, so every worker goes through the same versions in the same order.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 from redis.exceptions import RedisError
@@ -63,6 +66,9 @@ CHANGE_DELAY_S = 2 * REFRESH_S
 #: Versions, pauses and the published config expire this long after their
 #: last change (an override stays until ``throttle unset``: it is config).
 STATE_TTL_S = 30 * 86400
+
+#: How often ``_change`` waits for an earlier change before giving up (each wait <= CHANGE_DELAY_S).
+_CHANGE_ATTEMPTS = 10
 
 
 def _decode(value: Any) -> str:
@@ -95,6 +101,7 @@ class LiveLimits:
         self.pending_key = keys.pending
         self.refresh = refresh
         self._read_script = scripts.register(redis, "live_state")
+        self._change_script = scripts.register(redis, "live_change")
         self._state: LiveState | None = None
         self._lock = threading.Lock()
 
@@ -177,48 +184,44 @@ class LiveLimits:
         """Override ``name``'s rate, burst and/or mode from ``CHANGE_DELAY_S`` on; the new version."""
         if rate is None and burst is None and mode is None:
             raise ValueError("give at least one of rate, burst, mode")
-        state = self.read()
-        current = state.overrides.get(name, Override())
-        merged = Override(
+        current = self.read().overrides.get(name, Override())
+        # Checked as merged with what is set now (Lua merges it again, atomically).
+        Override(
             rate if rate is not None else current.rate,
             burst if burst is not None else current.burst,
             mode if mode is not None else current.mode,
         )
-        version, _ = self._change(name, state, lambda pipe: pipe.hset(self.overrides_key, name, merged.to_json()))
-        return version
+        fields = ("" if rate is None else str(rate), "" if burst is None else str(int(burst)), mode or "")
+        return self._change(name, "set", *fields)
 
     def unset(self, name: str) -> bool:
         """Back to the configured limit (from ``CHANGE_DELAY_S`` on); False, and no change, without an override."""
-        state = self.read()
-        if name not in state.overrides:
-            return False
-        _, removed = self._change(name, state, lambda pipe: pipe.hdel(self.overrides_key, name))
-        return bool(removed)
+        return self._change(name, "unset") != 0
 
     def bump(self, name: str) -> int:
         """A new version of ``name`` (from ``CHANGE_DELAY_S`` on): fresh buckets; slots booked before are void."""
-        version, _ = self._change(name, self.read(), None)
-        return version
+        return self._change(name, "bump")
 
-    def _change(self, name: str, state: LiveState, write: Callable[[Any], Any] | None) -> tuple[int, Any]:
-        """Schedule a change of ``name``: what is in force now stays until the
-        change takes effect, ``CHANGE_DELAY_S`` from now; (new version, the
-        reply to what ``write`` queued)."""
-        pending = state.pending.get(name)
-        if pending is None or state.now() >= pending.at:
-            # Nothing pending: what is in force now stays until the change.
-            pending = Pending(0.0, state.versions.get(name, 0), state.overrides.get(name))
-        # A change still pending never took effect: what was in force before it stays.
-        pending = Pending(state.now() + CHANGE_DELAY_S, pending.version, pending.override)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.pending_key, name, pending.to_json())
-        if write is not None:
-            write(pipe)
-        pipe.hincrby(self.versions_key, name, 1)
-        pipe.expire(self.pending_key, STATE_TTL_S)
-        pipe.expire(self.versions_key, STATE_TTL_S)
-        replies = pipe.execute()
-        return int(replies[-3]), (replies[1] if write is not None else None)
+    def _change(self, name: str, op: str, *fields: str) -> int:
+        """Schedule a change of ``name`` ``CHANGE_DELAY_S`` ahead; its new version (0: nothing to unset).
+
+        One change at a time: while an earlier change is pending, this waits
+        until it has taken effect (at most ``CHANGE_DELAY_S``).  Scheduling a
+        second change over a pending one would let a worker whose reading is
+        a few hundred ms old switch to the first change while fresher workers
+        keep the limit before it: two versions, two buckets, twice the rate.
+        """
+        args = [name, op, round(CHANGE_DELAY_S * 1e6), STATE_TTL_S, *(fields or ("", "", ""))]
+        keys = [self.overrides_key, self.versions_key, self.pending_key]
+        for _ in range(_CHANGE_ATTEMPTS):
+            reply, value = self._change_script(keys=keys, args=args)
+            status = _decode(reply)
+            if status == "ok":
+                return int(value)
+            if status == "none":
+                return 0
+            time.sleep(int(value) / 1e6 + 0.005)  # "wait": until the pending change is in force
+        raise RuntimeError(f"limit {name!r}: other changes kept arriving; {op} was not made, try again")
 
     def pause(self, name: str, seconds: float) -> float:
         """Admit nothing of ``name`` for ``seconds``; the pause's end (Redis time)."""

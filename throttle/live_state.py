@@ -123,22 +123,28 @@ class LiveState:
         """Redis' clock now, estimated from the reading (no round trip)."""
         return self.server_time + (time.monotonic() - self.read_at)
 
-    def pause_left(self, name: str) -> float:
+    def pause_left(self, name: str, at: float | None = None) -> float:
         until = self.paused_until.get(name)
-        return max(0.0, until - self.now()) if until else 0.0
+        return max(0.0, until - (self.now() if at is None else at)) if until else 0.0
 
     def names(self) -> set[str]:
         """Every limit the live keys mention."""
         return set(self.overrides) | set(self.versions) | set(self.paused_until)
 
-    def in_force(self, name: str, configured: NamedLimit | None, scheduled: bool = False) -> InForce:
+    def in_force(
+        self, name: str, configured: NamedLimit | None, scheduled: bool = False, at: float | None = None
+    ) -> InForce:
         """Limit ``name`` now: ``configured`` (None if no worker has it) with this state over it.
 
         ``scheduled``: as it will be once the changes made so far take effect.
+        ``at``: at that Redis time instead of now (estimated from the reading,
+        which lags when the process was descheduled after it: a decision's
+        own Redis time says which version it was really made under).
         """
+        now = self.now() if at is None else at
         override, version = self.overrides.get(name), self.versions.get(name, 0)
         pending = self.pending.get(name)
-        change_in = max(0.0, pending.at - self.now()) if pending is not None else 0.0
+        change_in = max(0.0, pending.at - now) if pending is not None else 0.0
         if pending is not None and change_in > 0 and not scheduled:
             override, version = pending.override, pending.version
         limit = configured.limit if configured is not None else None
@@ -157,7 +163,7 @@ class LiveState:
             mode=mode,
             per_key=configured.per_key if configured is not None else False,
             version=version,
-            pause_left=self.pause_left(name),
+            pause_left=self.pause_left(name, now),
             override_error=error,
             change_in=change_in,
         )

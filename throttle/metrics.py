@@ -131,12 +131,15 @@ def _total(fields: Mapping[str, float], head: str) -> float:
 
 
 def summarise(fields: Mapping[str, float]) -> dict[str, float]:
-    """admitted, deferred, shadow_refused, wait_sum, wait_count of one limit."""
+    """admitted, deferred, shadow_refused, paused, parked, duplicates, backend_errors, wait of one limit."""
     return {
         "admitted": _total(fields, "admitted"),
         "deferred": _total(fields, "deferred"),
         "shadow_refused": fields.get("shadow_refused", 0.0),
         "paused": fields.get("paused", 0.0),
+        "parked": fields.get("parked", 0.0),
+        "released": fields.get("released", 0.0),
+        "duplicates": fields.get("duplicates", 0.0),
         "backend_errors": _total(fields, "backend_errors"),
         "wait_sum": fields.get("wait_sum", 0.0),
         "wait_count": fields.get("wait_count", 0.0),

@@ -37,7 +37,7 @@ class ThrottleCollector:
         deferred = CounterMetricFamily(
             "throttle_deferred", "Tasks re-sent with a countdown", labels=["limit", "reason"]
         )
-        paused = CounterMetricFamily("throttle_paused", "Pauses after a body raised RateLimited", labels=["limit"])
+        pauses = CounterMetricFamily("throttle_paused", "Pauses after a body raised RateLimited", labels=["limit"])
         errors = CounterMetricFamily(
             "throttle_backend_errors", "Decisions Redis could not answer", labels=["limit", "policy"]
         )
@@ -58,8 +58,18 @@ class ThrottleCollector:
         tokens = GaugeMetricFamily(
             "throttle_tokens", "Tokens in the bucket (limits not split per key)", labels=["limit"]
         )
+        parked = GaugeMetricFamily("throttle_parked", "Tasks waiting in the waiting room (Redis)", labels=["limit"])
+        parked_total = CounterMetricFamily(
+            "throttle_parked_tasks", "Deferrals that parked the task in the waiting room", labels=["limit"]
+        )
+        duplicates = CounterMetricFamily(
+            "throttle_release_duplicates", "Second copies of released tasks the gate dropped", labels=["limit"]
+        )
         for name, status in described.items():
             fields = metrics.get(name, {})
+            parked.add_metric([name], status.parked)
+            parked_total.add_metric([name], fields.get("parked", 0.0))
+            duplicates.add_metric([name], fields.get("duplicates", 0.0))
             for key, value in fields.items():
                 head, _, label = key.partition(":")
                 if head == "admitted":
@@ -68,7 +78,7 @@ class ThrottleCollector:
                     deferred.add_metric([name, label], value)
                 elif head == "backend_errors":
                     errors.add_metric([name, label], value)
-            paused.add_metric([name], fields.get("paused", 0.0))
+            pauses.add_metric([name], fields.get("paused", 0.0))
             shadow.add_metric([name], fields.get("shadow_refused", 0.0))
             cumulative, buckets = 0.0, []
             for bound in WAIT_BUCKETS:
@@ -85,5 +95,6 @@ class ThrottleCollector:
                 tokens.add_metric([name], status.tokens)
         scrape = GaugeMetricFamily("throttle_scrape_seconds", "Time to read throttle's state from Redis")
         scrape.add_metric([], time.monotonic() - started)
-        yield from (admitted, deferred, paused, errors, shadow, wait, rate, burst, pause_left, shadow_mode, tokens)
+        yield from (admitted, deferred, pauses, errors, shadow, wait, rate, burst, pause_left, shadow_mode, tokens)
+        yield from (parked, parked_total, duplicates)
         yield scrape

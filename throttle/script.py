@@ -8,6 +8,8 @@ linted and diffed as Lua:
 - ``redeem.lua``: a task back at its booked slot redeems its ticket;
 - ``slot_status.lua``: the clock and some markers, on the keys' node;
 - ``live_state.lua``: the clock and the live-limit hashes.
+- ``live_change.lua``: one live change of one limit, one at a time.
+- ``room_*.lua``: the waiting room (park, claim, acknowledge, re-plan, arrival).
 
 Clients register a script with ``register_script``: redis-py sends EVALSHA
 and reloads the source by itself when the server answers NOSCRIPT (after
@@ -26,7 +28,18 @@ from .limit import Limit
 
 __all__ = ["ScriptName", "source", "register", "gcra_source", "script_args", "REPLY_LEN"]
 
-ScriptName = Literal["gcra", "redeem", "slot_status", "live_state"]
+ScriptName = Literal[
+    "gcra",
+    "redeem",
+    "slot_status",
+    "live_state",
+    "live_change",
+    "room_park",
+    "room_claim",
+    "room_ack",
+    "room_replan",
+    "room_arrival",
+]
 
 #: Integers in one decision's reply from ``gcra.lua``.
 REPLY_LEN = 7

@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .bucket import TokenBucket
-from .keys import bucket_name
+from .keys import bucket_name, limit_of, room_of
 from .live import InForce, LiveLimits, published
 from .metrics import read_metrics, summarise
+from .room import WaitingRoom
 
 __all__ = ["LimitStatus", "describe", "bucket_of", "WatchRow", "WatchSampler"]
 
@@ -31,6 +32,9 @@ class LimitStatus:
     tokens: int | None = None
     next_token_in: float | None = None
     full_in: float | None = None
+    parked: int = 0  # tasks in the waiting room (the tenant's, with a key)
+    next_release_in: float | None = None  # seconds until the room's first release
+    last_release_in: float | None = None  # seconds until its last (when the backlog is through)
 
     @property
     def name(self) -> str:
@@ -64,7 +68,11 @@ class LimitStatus:
             "pause_left": round(f.pause_left, 3),
             "bucket": self.bucket,
             "tokens": self.tokens,
+            "parked": self.parked,
         }
+        if self.parked:
+            info["next_release_in"] = self.next_release_in
+            info["last_release_in"] = self.last_release_in
         if self.bucket is not None:
             info["next_token_in"] = self.next_token_in
             info["full_in"] = self.full_in
@@ -87,7 +95,33 @@ def describe(
     ``scheduled``: as it will be once the live changes made so far take effect."""
     live = LiveLimits(client, prefix)
     now, then = live.in_force(only, scheduled), live.in_force(only, scheduled=True)
-    return {name: replace(_status(client, prefix, f, key), scheduled=then.get(name)) for name, f in now.items()}
+    parked = _parked(client, prefix, list(now), key)
+    return {
+        name: replace(_status(client, prefix, f, key), scheduled=then.get(name), **parked.get(name, {}))
+        for name, f in now.items()
+    }
+
+
+def _parked(client: Any, prefix: str, names: list[str], key: str | None) -> dict[str, dict[str, Any]]:
+    """Per limit: tasks in its waiting rooms (``key``: that tenant's room) and when they are released."""
+    room = WaitingRoom(client, prefix)
+    rooms = [room_of(names[0], key)] if key is not None and names else room.rooms()
+    stats = room.stats(rooms)
+    if not stats:
+        return {}
+    seconds, micros = client.time()
+    now = int(seconds) + int(micros) / 1e6
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = [s for s in stats if limit_of(s.room) == name]
+        firsts = [s.next_at for s in mine if s.next_at is not None]
+        lasts = [s.last_at for s in mine if s.last_at is not None]
+        out[name] = {
+            "parked": sum(s.parked + s.claimed for s in mine),
+            "next_release_in": round(max(0.0, min(firsts) - now), 3) if firsts else None,
+            "last_release_in": round(max(0.0, max(lasts) - now), 3) if lasts else None,
+        }
+    return out
 
 
 def bucket_of(in_force: InForce, key: str | None) -> str | None:
@@ -128,6 +162,7 @@ class WatchRow:
     pause_left: float
     admitted_total: float
     deferred_total: float
+    parked: int = 0
 
 
 class WatchSampler:
@@ -160,6 +195,7 @@ class WatchSampler:
                 pause_left=round(status.in_force.pause_left, 3),
                 admitted_total=cur["admitted"],
                 deferred_total=cur["deferred"],
+                parked=status.parked,
             )
         self.previous, self.previous_at = counters, now
         return rows

@@ -7,8 +7,9 @@
 | THROTTLE_LIMITS | `{"api": {"rate": "20/s", "burst": 5}}` | JSON, as the `throttle_limits` setting |
 | THROTTLE_PREFIX | throttle | key prefix in Redis |
 | THROTTLE_ON_BACKEND_ERROR | defer | defer, allow or fail when Redis is down |
-| THROTTLE_MAX_DEFER | 3600 | seconds a task may wait in total |
+| THROTTLE_MAX_DEFER | 2592000 (30 days) | seconds a task may wait in total |
 | THROTTLE_MAX_COUNTDOWN | 600 | longest single countdown; longer waits travel in hops |
+| THROTTLE_PARK_AFTER | 60 | waits longer than this park in the waiting room (Redis); `off`: never |
 | WORKER_QUEUE | throttle-demo | the queue the example tasks use |
 | API_URL | http://127.0.0.1:8080 | the outbound API the example tasks call |
 | API_TIMEOUT | 10 | seconds per HTTP request |
@@ -24,6 +25,8 @@ import json
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from throttle.celery.settings import DEFAULT_MAX_DEFER, DEFAULT_PARK_AFTER
 
 DEFAULT_LIMITS = {"api": {"rate": "20/s", "burst": 5}}
 
@@ -60,7 +63,8 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "throttle_limits": limits,
         "throttle_prefix": env.get("THROTTLE_PREFIX", "throttle"),
         "throttle_on_backend_error": env.get("THROTTLE_ON_BACKEND_ERROR", "defer"),
-        "throttle_max_defer": float(env.get("THROTTLE_MAX_DEFER", "3600")),
+        "throttle_max_defer": float(env.get("THROTTLE_MAX_DEFER", str(DEFAULT_MAX_DEFER))),
+        "throttle_park_after": _park_after(env.get("THROTTLE_PARK_AFTER", str(DEFAULT_PARK_AFTER))),
         "throttle_max_countdown": float(env.get("THROTTLE_MAX_COUNTDOWN", "600")),
         "task_default_queue": queue,
         "task_ignore_result": True,
@@ -96,6 +100,15 @@ def celery_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     if env.get("BUILTIN_RATE_LIMIT"):
         config["task_annotations"] = {"worker.call_api_unthrottled": {"rate_limit": env["BUILTIN_RATE_LIMIT"]}}
     return config
+
+
+def _park_after(raw: str) -> float | None:
+    if raw.strip().lower() in ("off", "none", "no", "0"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"THROTTLE_PARK_AFTER must be a number of seconds or 'off', not {raw!r}") from None
 
 
 def api_url(env: Mapping[str, str] | None = None) -> str:

@@ -23,6 +23,10 @@ INSIDE_THE_SCRIPT = {"get", "set", "time"}
 #: most every 0.5 s: one script with TIME + 4 HGETALL), publishing the
 #: configured limits (HSET, once), metrics (HINCRBY..., once a second).
 PERIODIC = {"hgetall", "hset", "hincrby", "hincrbyfloat", "expire"}
+#: The waiting room's releaser (a thread in the worker's main process): at
+#: start a persistence check and a look at every room, then the index of rooms
+#: once a second while nothing waits (TIME + ZRANGEBYSCORE).
+RELEASER = {"info", "config|get", "zrange", "zrangebyscore"}
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
@@ -59,10 +63,14 @@ def test_one_round_trip_per_task_when_tokens_are_there(redis_url: str, pool: str
         for name, row in stats.items()
     }
     # The live limits are one EVALSHA too (TIME + 4 HGETALL inside), read at
-    # most every 0.5 s per process (2 processes): amortized, not per task.
+    # most every 0.5 s per process (2 pool processes and the releaser in the
+    # main process): amortized, not per task.
     live_reads = answered.get("hgetall", 0) // 4
-    assert live_reads <= 2 * (elapsed / 0.5 + 2), (live_reads, elapsed)
-    top_level = {name: n for name, n in answered.items() if name not in HANDSHAKE | INSIDE_THE_SCRIPT | PERIODIC}
+    assert live_reads <= 3 * (elapsed / 0.5 + 2), (live_reads, elapsed)
+    # The releaser's look at the index: once a second while nothing waits.
+    assert answered.get("zrangebyscore", 0) <= elapsed + 4, (answered, elapsed)
+    ignored = HANDSHAKE | INSIDE_THE_SCRIPT | PERIODIC | RELEASER
+    top_level = {name: n for name, n in answered.items() if name not in ignored}
     # One EVALSHA (the admission) per task, and nothing else per task.
     assert top_level == {"evalsha": tasks + live_reads}, stats
     # redis-py's Script tries EVALSHA once more before it loads the script;

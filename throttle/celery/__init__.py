@@ -5,6 +5,7 @@
 - ``runtime``: per worker process, the Redis client, live limits and buckets;
 - ``gate``: the decision before each body (run, or defer to a booked slot);
 - ``deferral``: how a deferred task travels (headers, reasons, the re-send);
+- ``parking``/``release``: long waits parked in the waiting room (``throttle.room``), released by every worker;
 - ``task``: ``ThrottledTask``, the base class;
 - ``signals``: what the gate tells monitors.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import ThrottleDeferralExpired
 from .deferral import HEADER_DEFERRALS, HEADER_RETRIES, HEADER_SINCE, HEADER_SLOT, HEADER_VERSIONS, DeferralReason
-from .gate import EPSILON_S, GRACE_S
+from .gate import EPSILON_S, GRACE_S, SPIN_S
 from .task import ThrottledTask
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "HEADER_RETRIES",
     "GRACE_S",
     "EPSILON_S",
+    "SPIN_S",
 ]

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from celery import Task
+    from celery import Signature, Task
 
 __all__ = [
     "DeferralReason",
@@ -28,6 +28,9 @@ __all__ = [
     "HEADER_VERSIONS",
     "HEADER_RETRIES",
     "HEADER_ETA",
+    "HEADER_RELEASED",
+    "HEADER_PARKED",
+    "outgoing",
 ]
 
 #: Message headers the gate adds when it defers a task.  Celery hands custom
@@ -38,6 +41,8 @@ HEADER_SINCE = "throttle_since"  # wall-clock time of the first deferral
 HEADER_VERSIONS = "throttle_versions"  # the limits' live versions the slot was booked under
 HEADER_RETRIES = "throttle_retries"  # request.retries when deferred: a Celery retry copies headers, not this run
 HEADER_ETA = "throttle_eta"  # when it should arrive, Redis time in seconds (see throttle.celery.request)
+HEADER_RELEASED = "throttle_released"  # [room, park id, copy id]: released from the waiting room
+HEADER_PARKED = "throttle_parked"  # the park id: each park of a task has its own (throttle.celery.release)
 
 #: How hard a deferral tries to publish before giving up (the message was
 #: already acknowledged with early acks, so publishing is what keeps it).
@@ -66,6 +71,7 @@ class Stamp:
     since: float | None = None  # wall-clock time of the first deferral
     booked: bool = False  # deferred to a booked slot (its ticket is in Redis, if anywhere)
     versions: str | None = None  # the live versions it was booked under
+    released: tuple[str, str, str] | None = None  # (room, park id, copy id): released from the waiting room
 
     @classmethod
     def read(cls, request: Any) -> Stamp:
@@ -81,11 +87,14 @@ class Stamp:
             return cls()
         since = _header(request, HEADER_SINCE)
         versions = _header(request, HEADER_VERSIONS)
+        released = _header(request, HEADER_RELEASED)
+        is_triple = isinstance(released, (list, tuple)) and len(released) == 3
         return cls(
             deferrals=_int(_header(request, HEADER_DEFERRALS)),
             since=float(since) if isinstance(since, (int, float)) else None,
             booked=_header(request, HEADER_SLOT) is not None,
             versions=str(versions) if versions is not None else None,
+            released=(str(released[0]), str(released[1]), str(released[2])) if is_triple else None,
         )
 
 
@@ -98,14 +107,23 @@ def resend(
     ``redis_now``: the Redis time of the decision, so the arrival is also
     written on Redis' clock (``HEADER_ETA``) for workers whose own clocks differ.
     """
+    signature = outgoing(task, args, kwargs, stamp, wait, versions)
+    headers = dict(signature.options["headers"])
+    if redis_now is not None:
+        headers[HEADER_ETA] = round(redis_now + countdown, 6)
+    signature.apply_async(countdown=countdown, headers=headers, retry=True, retry_policy=_PUBLISH_RETRY)
+
+
+def outgoing(
+    task: Task, args: list[Any], kwargs: dict[str, Any], stamp: Stamp, wait: float, versions: str | None
+) -> Signature:
+    """The deferred copy of this delivery: same id, routing, links, with throttle's headers (no ETA yet)."""
     request = task.request
     headers: dict[str, Any] = {
         HEADER_DEFERRALS: stamp.deferrals + 1,
         HEADER_SINCE: stamp.since if stamp.since is not None else time.time(),
         HEADER_RETRIES: int(request.retries or 0),
     }
-    if redis_now is not None:
-        headers[HEADER_ETA] = round(redis_now + countdown, 6)
     if versions is not None:
         headers[HEADER_SLOT] = round((time.time() + wait) * 1000) / 1000
         headers[HEADER_VERSIONS] = versions
@@ -114,9 +132,10 @@ def resend(
     if versions is None:
         merged.pop(HEADER_SLOT, None)
         merged.pop(HEADER_VERSIONS, None)
-    if redis_now is None:
-        merged.pop(HEADER_ETA, None)
-    signature.apply_async(countdown=countdown, headers=merged, retry=True, retry_policy=_PUBLISH_RETRY)
+    for stale in (HEADER_ETA, HEADER_RELEASED, HEADER_PARKED):
+        merged.pop(stale, None)
+    signature.options["headers"] = merged
+    return signature
 
 
 def _header(request: Any, name: str) -> Any:

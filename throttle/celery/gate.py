@@ -21,24 +21,31 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
 from celery.exceptions import Ignore
+from redis.exceptions import RedisError
 
 from ..bucket import MultiBucket, TokenBucket
 from ..errors import BackendUnavailable, RateLimited, ThrottleDeferralExpired
-from ..keys import limit_of
+from ..keys import limit_of, room_of_bucket
 from ..limit import MAX_WAIT_SECONDS, Limit
+from ..room import ARRIVAL_MEMORY_S
 from ..tickets import Verdict
 from . import signals
-from .deferral import DeferralReason, Stamp, resend
+from .deferral import HEADER_PARKED, DeferralReason, Stamp, outgoing, resend
 from .options import TaskPlan
+from .parking import pack
 from .runtime import Effective, runtime_for
+
+if TYPE_CHECKING:
+    from ..live_state import LiveState
 
 if TYPE_CHECKING:
     from celery import Task
 
-__all__ = ["Gate", "Paid", "GRACE_S", "EPSILON_S"]
+__all__ = ["Gate", "Paid", "GRACE_S", "EPSILON_S", "LEAD_S", "SPIN_S"]
 
 logger = logging.getLogger("throttle")
 
@@ -59,21 +66,25 @@ Paid = Literal["now", "booked"]
 _PAUSE_HOP_S = 2.0
 
 #: A slot this close is waited for in place: cheaper than a broker round trip.
-_SPIN_S = 0.025
+#: 50 ms: deferred tasks come back up to ~40 ms early on a loaded host (the
+#: worker's ETA timer and pool dispatch); at 25 ms each of those went round
+#: the broker once more and often came back late (measured with `make demo`:
+#: 2 deferrals per task instead of 1.2).
+SPIN_S = 0.05
 
 #: A deferred task is sent to arrive this much before its slot (broker and
-#: timer latency), then waits the rest in place (less than _SPIN_S).
-_LEAD_S = 0.015
+#: timer latency), then waits the rest in place (less than SPIN_S).
+LEAD_S = 0.015
 
 #: While Redis is down, "defer" re-sends with these countdowns (doubling).
 _BACKEND_BACKOFF_S = (1.0, 30.0)
 
 
 def _wait_briefly(seconds: float) -> None:
-    """Wait out a slot at most ``_SPIN_S`` away, in place.
+    """Wait out a slot at most ``SPIN_S`` away, in place.
 
     Some hosts refuse a short sleep (seen under libfaketime: EINVAL); there
-    the wait is spun out on the monotonic clock instead (at most _SPIN_S of
+    the wait is spun out on the monotonic clock instead (at most SPIN_S of
     CPU), so the task still starts at its slot, neither early nor late.
     """
     if seconds <= 0:
@@ -104,14 +115,18 @@ class Gate:
         self.names = plan.bucket_names(args, kwargs)
         self.limit_names = tuple(nl.name for nl in plan.limits)
         self.effective: Effective | None = None
+        self.state: LiveState | None = None
+        self.rechecked = False
         self.shadow: TokenBucket | MultiBucket | None = None
         self.stamp = Stamp.read(task.request)
         self.deferrals, self.since = self.stamp.deferrals, self.stamp.since
         self.runtime.publish()
 
-    def _load(self) -> Effective:
-        """Apply the live state: effective limits, their buckets, the pause."""
-        effective = self.runtime.effective(self.plan, self.tenant, self.runtime.state())
+    def _load(self, at: float | None = None) -> Effective:
+        """Apply the live state: effective limits, their buckets, the pause (at Redis time ``at``: see ``_current``)."""
+        if at is None or self.state is None:
+            self.state = self.runtime.state()
+        effective = self.runtime.effective(self.plan, self.tenant, self.state, at)
         self.effective = effective
         if effective.enforce:
             self.names = [name for name, _ in effective.enforce]
@@ -142,6 +157,8 @@ class Gate:
     def admit(self) -> None:
         """Return to run the body; raise ``Ignore`` after re-sending the task."""
         try:
+            if self.stamp.released is not None:
+                self._first_copy(*self.stamp.released)
             effective = self._load()
             if effective.pause_left > 0:
                 # An operator paused a limit: wait, looking again every few
@@ -188,13 +205,40 @@ class Gate:
 
     # Decisions ------------------------------------------------------------
 
+    def _first_copy(self, room: str, park: str, copy: str) -> None:
+        """Released from the waiting room: run only the first copy of this park's release to arrive.
+
+        A releaser killed after publishing and before acknowledging leaves
+        the entry to be published again; the second copy is dropped here.
+        Copies are told apart per park (``park``): a task that parks again
+        is released again, and that release is a first copy of its own.
+        """
+        entry = f"{self.task.request.id}:{park}"
+        try:
+            if self.runtime.room.first_arrival(room, entry, copy, ARRIVAL_MEMORY_S):
+                return
+        except RedisError:
+            return  # the decision that follows meets the same Redis and its policy
+        logger.warning(
+            "%s[%s] dropped: a second copy of a task released from the waiting room %r",
+            self.task.name, self.task.request.id, room,
+        )  # fmt: skip
+        self._count("duplicates")
+        raise Ignore()
+
     def _arrive(self) -> None:
         """Back at a booked slot: redeem the ticket left when it was booked."""
-        redemption = self.buckets.redeem(self.task.request.id, GRACE_S, _SPIN_S)
+        redemption = self.buckets.redeem(self.task.request.id, GRACE_S, SPIN_S)
+        replied = time.monotonic()
         verdict, wait = redemption.verdict, redemption.wait
         if verdict is Verdict.GO:
-            _wait_briefly(wait)
-            self._admitted("booked")
+            if not self._current(redemption.server_time + max(0.0, wait)):
+                # The body would start after a change: the ticket was for the
+                # limit before it.  Wait for the change, book in its bucket.
+                _wait_briefly(wait)
+                self._book(DeferralReason.CHANGED)
+                return
+            self._run_at(wait, replied, "booked")
         elif verdict is Verdict.EARLY:
             self._defer(wait, DeferralReason.EARLY, booked=True, redis_now=redemption.server_time)
         else:
@@ -206,18 +250,61 @@ class Gate:
 
     def _book(self, reason: DeferralReason, may_run: bool = True) -> None:
         decision = self.buckets.book(self.cost, max_wait=self._budget_left())
+        replied = time.monotonic()
         if not decision.allowed:
             raise ThrottleDeferralExpired(
                 f"{self.task.name}[{self.task.request.id}]: next slot of {self._label()} is "
                 f"{decision.retry_after:.1f}s away, beyond throttle_max_defer={self.settings.max_defer:g}s"
             )
         wait = decision.retry_after
-        if may_run and wait <= _SPIN_S:
-            _wait_briefly(wait)
-            self._admitted("now")
+        if may_run and wait <= SPIN_S:
+            if not self._current(decision.server_time + wait):
+                _wait_briefly(wait)  # until the change is in force, then decide in its bucket
+                self._book(DeferralReason.CHANGED, may_run)
+                return
+            self._run_at(wait, replied, "now")
             return
         self.buckets.issue_ticket(self.task.request.id, decision)
         self._defer(wait, reason, booked=True, redis_now=decision.server_time)
+
+    def _run_at(self, wait: float, replied: float, paid: Paid) -> None:
+        """Wait out the slot in place (``wait`` from ``replied``, local monotonic), then run.
+
+        Unless this process fell behind its slot since Redis said go: a
+        thread starved of the GIL or a descheduled process can lose tens of
+        ms after the reply, and running that late would bunch up with the
+        tasks booked after it.  Then the slot is forfeit, as for a late
+        arrival, and the task books again (deferred, never run at once).
+        """
+        _wait_briefly(wait)
+        late = time.monotonic() - (replied + wait)
+        if late > GRACE_S:
+            logger.info("%s[%s] %.0f ms behind its slot after the decision: booking again",
+                        self.task.name, self.task.request.id, late * 1000)  # fmt: skip
+            self._book(DeferralReason.LATE, may_run=False)
+            return
+        self._admitted(paid)
+
+    def _current(self, start: float) -> bool:
+        """Whether the limits decided by are still the ones in force when the body starts.
+
+        ``start``: the Redis time the body would start at (the decision's
+        time plus the wait in place).  The gate picks a limit's version by
+        its estimate of Redis' clock, which lags when the process was
+        descheduled after reading the live state; and a body admitted a few
+        ms before a change starts after it.  Either way the old bucket would
+        admit while the fleet is on the new one.  If a change is in force at
+        ``start``: reload as of then (False: wait, decide again).  Once per
+        delivery.
+        """
+        if self.rechecked or self.state is None or self.effective is None:
+            return True
+        before = self.effective.versions
+        if self.runtime.effective(self.plan, self.tenant, self.state, start).versions == before:
+            return True
+        self.rechecked = True
+        self._load(at=start)
+        return False
 
     def _budget_left(self) -> float:
         """Seconds this task may still wait (``throttle_max_defer``), within what a booking allows."""
@@ -284,14 +371,23 @@ class Gate:
         read the arrival on Redis' clock, not their own (``ThrottleRequest``).
         """
         task, request = self.task, self.task.request
-        countdown = min(max(0.0, wait - _LEAD_S) if booked else wait, self.settings.max_countdown)
         versions = (self.effective.versions if self.effective else "") if booked else None
-        resend(task, self.args, self.kwargs, self.stamp, wait, countdown, versions, redis_now)
+        park_after = self.settings.park_after
+        parked = booked and redis_now is not None and park_after is not None and wait > park_after
+        if parked:
+            assert redis_now is not None and versions is not None
+            parked = self._park(wait, redis_now, versions)
+        if not parked:
+            countdown = min(max(0.0, wait - LEAD_S) if booked else wait, self.settings.max_countdown)
+            resend(task, self.args, self.kwargs, self.stamp, wait, countdown, versions, redis_now)
         logger.info(
-            "%s[%s] deferred %.3fs (%s, deferral %d, limits %s)",
-            task.name, request.id, wait, reason.value, self.deferrals + 1, self._label(),
+            "%s[%s] %s %.3fs (%s, deferral %d, limits %s)",
+            task.name, request.id, "parked" if parked else "deferred", wait, reason.value, self.deferrals + 1,
+            self._label(),
         )  # fmt: skip
         self._count(f"deferred:{reason.value}")
+        if parked:
+            self._count("parked")
         signals.task_deferred.send(
             sender=task,
             task_id=request.id,
@@ -299,8 +395,28 @@ class Gate:
             wait=wait,
             reason=reason.value,
             deferrals=self.deferrals + 1,
+            parked=parked,
         )
         raise Ignore()
+
+    def _park(self, wait: float, redis_now: float, versions: str) -> bool:
+        """Keep the deferred task in the waiting room until shortly before its slot.
+
+        The room is the first enforced limit's (its tenant's, if per key),
+        without the version: parked tasks stay in it across live changes.
+        """
+        signature = outgoing(self.task, self.args, self.kwargs, self.stamp, wait, versions)
+        signature.options["headers"][HEADER_PARKED] = uuid.uuid4().hex
+        room = room_of_bucket(self.names[0])
+        version = int(versions.split(",", 1)[0] or 0)
+        try:
+            self.runtime.room.park(room, self.task.request.id, redis_now + wait, pack(self.task, signature), version)
+        except RedisError as exc:
+            # The ticket is booked; a countdown message keeps the task instead.
+            logger.warning("%s[%s] could not park in %r (%s): deferring with a countdown",
+                           self.task.name, self.task.request.id, room, exc)  # fmt: skip
+            return False
+        return True
 
 
 #: Why a task books again, by what its ticket said.

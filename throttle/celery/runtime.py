@@ -23,6 +23,7 @@ from ..errors import BackendUnavailable
 from ..limit import Limit
 from ..live import LiveLimits, LiveState
 from ..metrics import MetricsRecorder
+from ..room import WaitingRoom
 from .options import TaskPlan
 from .settings import ThrottleSettings, settings_for
 
@@ -52,6 +53,7 @@ class Runtime:
         self.redis = client_from_url(settings.redis_url, **settings.redis_options)
         self.live = LiveLimits(self.redis, settings.prefix)
         self.metrics = MetricsRecorder(self.redis, settings.prefix) if settings.metrics else None
+        self.room = WaitingRoom(self.redis, settings.prefix)
         self._buckets: dict[tuple[tuple[str, int, int], ...], TokenBucket | MultiBucket] = {}
         self._lock = threading.Lock()
         self._published = False
@@ -82,14 +84,14 @@ class Runtime:
             logger.exception("cannot read the live limits; deciding by the configured ones")
             return self.live.fall_back()
 
-    def effective(self, plan: TaskPlan, tenant: str | None, state: LiveState) -> Effective:
-        """The task's limits in force now (``LiveState.in_force``), split by mode."""
+    def effective(self, plan: TaskPlan, tenant: str | None, state: LiveState, at: float | None = None) -> Effective:
+        """The task's limits in force now (or at Redis time ``at``: ``LiveState.in_force``), split by mode."""
         enforce: list[tuple[str, Limit]] = []
         shadow: list[tuple[str, Limit]] = []
         versions: list[str] = []
         pause_left = 0.0
         for nl in plan.limits:
-            in_force = state.in_force(nl.name, nl)
+            in_force = state.in_force(nl.name, nl, at=at)
             if in_force.override_error is not None:
                 logger.error("ignoring the live override of %s: %s", nl.name, in_force.override_error)
             limit = in_force.limit if in_force.limit is not None else nl.limit

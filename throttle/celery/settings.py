@@ -33,10 +33,15 @@ __all__ = ["ThrottleSettings", "settings_for", "parse_limits", "check_limit_name
 BackendPolicy = Literal["defer", "allow", "fail"]
 ON_BACKEND_ERROR: tuple[BackendPolicy, ...] = ("defer", "allow", "fail")
 
-#: Defaults: how long a task may wait in total, and the longest single
+#: Defaults: how long a task may wait in total (no deadline of its own: as
+#: far as a bucket books, 30 days, so a backlog of any size completes; set
+#: it for tasks that are useless when late), and the longest single
 #: countdown.  A countdown must stay well under the broker's redelivery
 #: horizon (Redis visibility_timeout 3600 s, RabbitMQ consumer_timeout 30 min).
-DEFAULT_MAX_DEFER = 3600.0
+DEFAULT_MAX_DEFER = float(MAX_WAIT_SECONDS)
+#: A wait longer than this parks the task in the waiting room (Redis)
+#: instead of a countdown message held by a worker.
+DEFAULT_PARK_AFTER = 60.0
 DEFAULT_MAX_COUNTDOWN = 600.0
 DEFAULT_REDIS_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 2.0,
@@ -55,6 +60,7 @@ class ThrottleSettings:
     max_countdown: float = DEFAULT_MAX_COUNTDOWN
     redis_options: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_REDIS_OPTIONS))
     metrics: bool = True
+    park_after: float | None = DEFAULT_PARK_AFTER
 
     @classmethod
     def from_conf(cls, conf: Any) -> ThrottleSettings:
@@ -68,6 +74,7 @@ class ThrottleSettings:
             max_countdown=_max_countdown(conf),
             redis_options=_redis_options(conf.get("throttle_redis_options")),
             metrics=_flag("throttle_metrics", conf.get("throttle_metrics", True)),
+            park_after=_park_after(conf.get("throttle_park_after", DEFAULT_PARK_AFTER)),
         )
 
 
@@ -156,6 +163,13 @@ def _seconds(setting: str, value: object, upper: float = MAX_WAIT_SECONDS) -> fl
     if not 0 < value <= upper:
         raise ValueError(f"{setting} must be > 0 and at most {upper:g} seconds, got {value!r}")
     return float(value)
+
+
+def _park_after(value: object) -> float | None:
+    """None or False: never park (every wait is a countdown message)."""
+    if value is None or value is False:
+        return None
+    return _seconds("throttle_park_after", value)
 
 
 def _max_countdown(conf: Any) -> float:

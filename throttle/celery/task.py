@@ -21,6 +21,7 @@ from celery import Celery, Task
 from ..errors import RateLimited
 from .gate import Gate
 from .options import TaskPlan, resolve_options
+from .release import start_releaser  # noqa: F401  (connects the releaser to worker start)
 from .settings import settings_for
 
 __all__ = ["ThrottledTask"]

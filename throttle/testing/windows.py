@@ -48,6 +48,10 @@ class Segment:
     start: float
     rate: float
     burst: int
+    #: The segment before this one still admits for this long after ``start``:
+    #: a reset of one tenant's bucket takes effect at once, and tasks the gate
+    #: let through just before it start up to its wait in place (25 ms) after.
+    carry: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ def allowed_in(first: float, last: float, segments: Sequence[Segment], epsilon: 
     segment the window touches, ``w`` its overlap (a change lets one fresh burst through)."""
     total = 0.0
     for index, seg in enumerate(segments):
-        end = segments[index + 1].start if index + 1 < len(segments) else math.inf
+        following = segments[index + 1] if index + 1 < len(segments) else None
+        end = following.start + following.carry if following is not None else math.inf
         if last < seg.start or first >= end:
             continue
         overlap = min(last, end) - max(first, seg.start)
