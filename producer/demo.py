@@ -10,6 +10,7 @@ success, failure or Ctrl-C.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -299,6 +300,8 @@ def main(**options: Any) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    # `kill -USR1 <pid>` prints every thread's stack: where a run is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     runs: list[RunResult] = []
     try:
         demo.start()

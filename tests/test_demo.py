@@ -133,7 +133,14 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     assert len(pids) == 1 + 1 + 4  # redis-server, api, 4 workers
     time.sleep(2)  # let the run start sending
     demo.send_signal(signal.SIGINT)
-    rest, _ = demo.communicate(timeout=60)
+    try:
+        rest, _ = demo.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        demo.send_signal(signal.SIGUSR1)  # the demo prints every thread's stack (faulthandler)
+        time.sleep(1)
+        demo.kill()
+        stuck, _ = demo.communicate()
+        raise AssertionError(f"the demo did not stop within 90 s of Ctrl-C; its threads:\n{stuck[-6000:]}") from None
     assert demo.returncode == 130, rest
     assert "interrupted: stopped 6 processes" in rest
     deadline = time.monotonic() + 10

@@ -151,6 +151,10 @@ class WaitingRoom:
             if next_at is None:
                 self.redis.zadd(self.index, {room: earliest}, nx=True)
 
+    def settle(self, room: str) -> None:
+        """Put ``room`` in the index at its earliest release or claim, or take it out when empty."""
+        self.reindex(room, self._earliest(room))
+
     def _earliest(self, room: str) -> float | None:
         keys = self.keys(room)
         pipe = self.redis.pipeline(transaction=False)
@@ -169,7 +173,7 @@ class WaitingRoom:
         keys = self.keys(room)
         interval, burst = (limit.interval_us, limit.burst) if limit is not None else (0, 1)
         count = int(self._replan(keys=[keys.entries, keys.plan], args=[version, interval, burst]))
-        self.reindex(room, self._earliest(room))
+        self.settle(room)
         return count
 
     def first_arrival(self, room: str, entry: str, copy: str, remember: float) -> bool:

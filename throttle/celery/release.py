@@ -166,7 +166,9 @@ class Releaser:
                         done.append(parked.entry)
         finally:
             self.room.ack(room, done)
-            self.room.reindex(room, claim.next_at)
+            # After the ack: the claims just acknowledged no longer hold the
+            # room in the index (an empty room leaves no key behind).
+            self.room.settle(room)
         if done:
             logger.debug("throttle: released %d parked tasks of %s", len(done), room)
             if self.runtime.metrics is not None:
