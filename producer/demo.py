@@ -300,6 +300,10 @@ def main(**options: Any) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C stops the run even when the demo was started with SIGINT ignored
+    # (a background job of a non-interactive shell, as CI runners start
+    # commands): Python installs no handler of its own then.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # `kill -USR1 <pid>` prints every thread's stack: where a run is stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     runs: list[RunResult] = []
