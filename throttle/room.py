@@ -132,7 +132,7 @@ class WaitingRoom:
         if not entries:
             return 0
         keys = self.keys(room)
-        return int(self._ack(keys=[keys.entries, keys.messages, keys.claims], args=list(entries)))
+        return int(self._ack(keys=[keys.entries, keys.messages, keys.claims, keys.plan], args=list(entries)))
 
     def reindex(self, room: str, next_at: float | None) -> None:
         """Put ``room`` in the index at ``next_at`` (None: take it out), then look again.
