@@ -147,9 +147,8 @@ class WaitingRoom:
             self.redis.zadd(self.index, {room: round(next_at * US_PER_S)})
         earliest = self._earliest(room)
         if earliest is not None:
+            # LT moves an existing entry earlier and adds a missing one.
             self.redis.zadd(self.index, {room: earliest}, lt=True)
-            if next_at is None:
-                self.redis.zadd(self.index, {room: earliest}, nx=True)
 
     def settle(self, room: str) -> None:
         """Put ``room`` in the index at its earliest release or claim, or take it out when empty."""

@@ -40,10 +40,9 @@ from .parking import pack
 from .runtime import Effective, runtime_for
 
 if TYPE_CHECKING:
-    from ..live_state import LiveState
-
-if TYPE_CHECKING:
     from celery import Task
+
+    from ..live_state import LiveState
 
 __all__ = ["Gate", "Paid", "GRACE_S", "EPSILON_S", "LEAD_S", "SPIN_S"]
 
@@ -117,6 +116,7 @@ class Gate:
         self.effective: Effective | None = None
         self.state: LiveState | None = None
         self.rechecked = False
+        self.loaded_at = 0.0
         self.shadow: TokenBucket | MultiBucket | None = None
         self.stamp = Stamp.read(task.request)
         self.deferrals, self.since = self.stamp.deferrals, self.stamp.since
@@ -126,6 +126,7 @@ class Gate:
         """Apply the live state: effective limits, their buckets, the pause (at Redis time ``at``: see ``_current``)."""
         if at is None or self.state is None:
             self.state = self.runtime.state()
+        self.loaded_at = self.state.now() if at is None else at  # the Redis time the limits were read for
         effective = self.runtime.effective(self.plan, self.tenant, self.state, at)
         self.effective = effective
         if effective.enforce:
@@ -299,6 +300,10 @@ class Gate:
         """
         if self.rechecked or self.state is None or self.effective is None:
             return True
+        pending = self.state.pending
+        since = self.loaded_at
+        if not any(nl.name in pending and since < pending[nl.name].at <= start for nl in self.plan.limits):
+            return True  # no change of these limits took effect since the limits were read (the common case)
         before = self.effective.versions
         if self.runtime.effective(self.plan, self.tenant, self.state, start).versions == before:
             return True
