@@ -95,7 +95,7 @@ def test_set_merges_into_a_hand_written_override(r: redis.Redis, prefix: str) ->
 def test_a_decisions_redis_time_says_which_version_it_was_made_under(r: redis.Redis, prefix: str) -> None:
     """A reading taken before a change, used by a process that lagged past the
     change's moment, must not decide by the old version: the gate asks
-    ``in_force(at=<the decision's Redis time>)`` (``Gate._current``)."""
+    ``in_force(at=<the decision's Redis time>)`` (``Gate._change_near``)."""
     live = LiveLimits(r, prefix)
     live.set("api", rate="5/s")
     state = live.read()

@@ -123,7 +123,7 @@ class Gate:
         self.runtime.publish()
 
     def _load(self, at: float | None = None) -> Effective:
-        """Apply the live state: effective limits, their buckets, the pause (at Redis time ``at``: see ``_current``)."""
+        """Apply the live state: effective limits, their buckets, the pause (as of Redis time ``at``, if given)."""
         if at is None or self.state is None:
             self.state = self.runtime.state()
         self.loaded_at = self.state.now() if at is None else at  # the Redis time the limits were read for
@@ -233,10 +233,11 @@ class Gate:
         replied = time.monotonic()
         verdict, wait = redemption.verdict, redemption.wait
         if verdict is Verdict.GO:
-            if not self._current(redemption.server_time + max(0.0, wait)):
-                # The body would start after a change: the ticket was for the
+            change = self._change_near(redemption.server_time + max(0.0, wait))
+            if change is not None:
+                # The body may start after a change: the ticket was for the
                 # limit before it.  Wait for the change, book in its bucket.
-                _wait_briefly(wait)
+                _wait_briefly(change - redemption.server_time - (time.monotonic() - replied))
                 self._book(DeferralReason.CHANGED)
                 return
             self._run_at(wait, replied, "booked")
@@ -259,8 +260,10 @@ class Gate:
             )
         wait = decision.retry_after
         if may_run and wait <= SPIN_S:
-            if not self._current(decision.server_time + wait):
-                _wait_briefly(wait)  # until the change is in force, then decide in its bucket
+            change = self._change_near(decision.server_time + wait)
+            if change is not None:
+                # Until the change is in force, then decide in its bucket.
+                _wait_briefly(change - decision.server_time - (time.monotonic() - replied))
                 self._book(DeferralReason.CHANGED, may_run)
                 return
             self._run_at(wait, replied, "now")
@@ -286,30 +289,38 @@ class Gate:
             return
         self._admitted(paid)
 
-    def _current(self, start: float) -> bool:
-        """Whether the limits decided by are still the ones in force when the body starts.
+    def _change_near(self, start: float) -> float | None:
+        """The Redis time of a change the body may start after, or None (the limits decided by hold).
 
         ``start``: the Redis time the body would start at (the decision's
         time plus the wait in place).  The gate picks a limit's version by
         its estimate of Redis' clock, which lags when the process was
         descheduled after reading the live state; and a body admitted a few
-        ms before a change starts after it.  Either way the old bucket would
-        admit while the fleet is on the new one.  If a change is in force at
-        ``start``: reload as of then (False: wait, decide again).  Once per
-        delivery.
+        ms before a change starts after it, up to ``EPSILON_S`` later than
+        planned (``GRACE_S`` of lateness, then the dispatch to the body).
+        Either way the old bucket would admit while the fleet is on the new
+        one.  So a change of these limits that takes effect before
+        ``start + EPSILON_S`` counts: the limits are reloaded as of the
+        change, and the caller waits for it and decides in its bucket.
+        Once per delivery; costs nothing unless a change is that close.
         """
         if self.rechecked or self.state is None or self.effective is None:
-            return True
+            return None
         pending = self.state.pending
-        since = self.loaded_at
-        if not any(nl.name in pending and since < pending[nl.name].at <= start for nl in self.plan.limits):
-            return True  # no change of these limits took effect since the limits were read (the common case)
-        before = self.effective.versions
-        if self.runtime.effective(self.plan, self.tenant, self.state, start).versions == before:
-            return True
+        horizon = start + EPSILON_S
+        near = [
+            pending[nl.name].at
+            for nl in self.plan.limits
+            if nl.name in pending and self.loaded_at < pending[nl.name].at <= horizon
+        ]
+        if not near:
+            return None  # no change of these limits that close (the common case)
+        at = max(near)
+        if self.runtime.effective(self.plan, self.tenant, self.state, at).versions == self.effective.versions:
+            return None
         self.rechecked = True
-        self._load(at=start)
-        return False
+        self._load(at=at)
+        return at
 
     def _budget_left(self) -> float:
         """Seconds this task may still wait (``throttle_max_defer``), within what a booking allows."""
