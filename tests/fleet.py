@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ class Fleet:
     concurrency: int = 2
     pool: str = "prefork"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    #: More ``celery worker`` options (``-E``: send task events).
+    extra_args: Sequence[str] = ()
     queue: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:8]}")
     record_key: str = field(default_factory=lambda: f"fleet:{uuid.uuid4().hex[:8]}")
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -102,7 +104,7 @@ class Fleet:
             sys.executable, "-m", "celery", "-A", self.app_module, "worker",
             "-P", self.pool, "-c", str(self.concurrency), "-Q", self.queue,
             "-n", f"w{index}-{self.queue}@%h", "-l", "info",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--without-gossip", "--without-mingle", "--without-heartbeat", *self.extra_args,
         ]  # fmt: skip
         proc = spawn(args, self.env, log_dir / f"worker{index}.log", cwd=ROOT)
         self.processes.insert(index, proc)

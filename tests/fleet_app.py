@@ -26,6 +26,8 @@ from worker.config import celery_config
 app = Celery("throttle-fleet-test")
 app.conf.update(celery_config())
 app.conf.worker_hijack_root_logger = False
+if os.environ.get("RESULT_BACKEND"):  # the events test reads task states from it
+    app.conf.result_backend = os.environ["RESULT_BACKEND"]
 
 RECORD_KEY = os.environ.get("RECORD_KEY", "fleet")
 _record: redis.Redis | None = None
@@ -90,6 +92,13 @@ def _ready(sender: Any = None, **kwargs: Any) -> None:
 
 @app.task(bind=True, base=ThrottledTask, throttle="api", name="fleet.work")
 def work(self: ThrottledTask, n: int) -> int:
+    record(self, n=n)
+    return n
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="api", track_started=True, ignore_result=False, name="fleet.tracked")
+def tracked(self: ThrottledTask, n: int) -> int:
+    """A task whose result state is kept, STARTED included (``track_started``)."""
     record(self, n=n)
     return n
 

@@ -8,10 +8,12 @@ it unchanged; the keys spread over the shards.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import pytest
 import redis
@@ -183,19 +185,35 @@ def test_fidelity_on_a_cluster(cluster: EmbeddedCluster, tag: str) -> None:
 @pytest.mark.fleet
 def test_fleet_on_a_cluster(cluster: EmbeddedCluster, redis_url: str) -> None:
     """Celery workers with throttle_redis_url = redis+cluster://: two limits per
-    task (the fleet's and the tenant's, on different shards) both hold."""
+    task (the fleet's and the tenant's, on different shards) both hold; waits
+    over 1 s park in the waiting room (its own slot, its index in another) and
+    the fleet releases them, each task once, no room key left."""
     if not broker_available(SYSTEM_REDIS_BROKER):
         pytest.skip("no Redis broker on 127.0.0.1:6379")
+    from throttle.metrics import read_metrics
+    from throttle.room import WaitingRoom
+
     limits = {"api": {"rate": "20/s", "burst": 5, "per_key": False}, "tenant": {"rate": "10/s", "burst": 1}}
-    fleet = Fleet(SYSTEM_REDIS_BROKER, cluster.url, redis_url, limits=limits, workers=2)
+    fleet = Fleet(
+        SYSTEM_REDIS_BROKER, cluster.url, redis_url, limits=limits, workers=2, extra_env={"THROTTLE_PARK_AFTER": "1"}
+    )
+    prefix = f"throttle-{fleet.queue}"
+    client = client_from_url(cluster.url)
     try:
         fleet.start()
         calls = [(i, f"tenant{i % 3}") for i in range(90)]
         ids = fleet.send("fleet.both_work", calls)
         records = fleet.wait_for_records(len(ids), timeout=120)
+        assert read_metrics(client, prefix, ["api"])["api"].get("parked", 0) > 0, "90 tasks at 20/s: some park"
+        room = WaitingRoom(client, prefix)
+        deadline = time.monotonic() + 10
+        while room.rooms() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert room.rooms() == [], "the emptied room left the index"
     finally:
         fleet.stop()
         fleet.purge()
+        client.close()
     ran = Counter(r["id"] for r in records)
     assert set(ran) == set(ids) and max(ran.values()) == 1
     assert peak_in_window([r["t"] for r in records]) <= 20 + 5
@@ -238,3 +256,40 @@ def test_tenant_names_with_braces_keep_a_bucket_in_one_slot(rc: RedisCluster, ta
     assert bucket.redeem("t", grace=0.025).verdict is Verdict.PAUSED
     bucket.reset()
     assert bucket.consume().allowed
+
+
+def test_waiting_room_on_a_cluster(cluster: EmbeddedCluster, rc: RedisCluster, tag: str) -> None:
+    """Each room's scripts touch its own slot only (a CROSSSLOT error otherwise);
+    tenants' rooms spread over the shards; the index is one key of its own."""
+    from throttle import status
+    from throttle.keys import RoomKeys
+    from throttle.room import WaitingRoom
+
+    room = WaitingRoom(rc, tag)
+    seconds, micros = rc.time()
+    now = int(seconds) + int(micros) / 1e6
+    rooms = [f"api:t{i}" for i in range(12)]
+    for n, name in enumerate(rooms):
+        for k in range(3):
+            room.park(name, f"{name}-{k}", now + 0.5 + k * 0.1 + n * 0.01, f"m{k}".encode(), version=0)
+    nodes: Any = rc  # redis-py's get_node_from_key has no annotations
+    owners = {nodes.get_node_from_key(RoomKeys(tag, name).entries).name for name in rooms}
+    assert len(owners) >= 2, "tenants' rooms spread over the shards"
+    assert status._parked(rc, tag, ["api"], None)["api"]["parked"] == 36
+    _, due = room.due(ahead=5.0)
+    assert sorted(due) == sorted(rooms)
+    taken: list[str] = []
+    for name in due:
+        claim = room.claim(name, ahead=5.0, hold=30.0, limit=10)
+        assert [p.entry for p in claim.parked] == [f"{name}-{k}" for k in range(3)]
+        assert room.first_arrival(name, claim.parked[0].entry, "copy-1", 60)
+        assert not room.first_arrival(name, claim.parked[0].entry, "copy-2", 60)
+        assert room.ack(name, [p.entry for p in claim.parked]) == 3
+        room.settle(name)
+        taken.extend(p.entry for p in claim.parked)
+    assert len(taken) == 36 and room.rooms() == []
+    # Re-plan of a room on its shard.
+    for k in range(5):
+        room.park("api:t0", f"again-{k}", now + 1000 + k, b"m", version=1)
+    assert room.replan("api:t0", 2, None) == 5 and room.planned_version("api:t0") == 2
+    assert status._parked(rc, tag, ["api"], "t0")["api"]["parked"] == 5, "the re-planned room keeps its entries"

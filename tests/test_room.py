@@ -163,3 +163,45 @@ def test_an_emptied_room_leaves_no_key(r: redis.Redis, prefix: str) -> None:
     # The next park plans the room under the version of its day.
     room.park("api", "t2", redis_now(r) + 100, b"m", version=5)
     assert room.planned_version("api") == 5
+
+
+def test_operators_see_the_oldest_entry_and_reads_are_bounded(r: redis.Redis, prefix: str) -> None:
+    """``list``/``inspect``/metrics show how long the longest-parked task has
+    waited, and read a bounded number of rooms (a room per tenant can mean
+    100,000 of them)."""
+    from throttle import status
+
+    room = WaitingRoom(r, prefix)
+    first_parked = redis_now(r)
+    room.park("api", "old", first_parked + 100, b"m", version=0)
+    time.sleep(0.2)
+    room.park("api", "new", first_parked + 50, b"m", version=0)  # released first, parked later
+    stats = room.stats(["api"])[0]
+    assert stats.oldest_at is not None and abs(stats.oldest_at - first_parked) < 0.05
+    assert r.zcard(room.keys("api").since) == 2
+    room.park("api", "old", first_parked + 120, b"m2", version=0)  # parked again: keeps its first time
+    assert abs((room.stats(["api"])[0].oldest_at or 0) - first_parked) < 0.05
+    # Released and acknowledged: the oldest is the next one.
+    claim = room.claim("api", ahead=200.0, hold=30.0, limit=1)
+    assert [p.entry for p in claim.parked] == ["new"]
+    room.ack("api", ["new"])
+    assert r.zrange(room.keys("api").since, 0, -1) == [b"old"], "an acknowledged entry leaves the since set"
+    claim = room.claim("api", ahead=200.0, hold=30.0, limit=1)
+    room.ack("api", ["old"])
+    room.settle("api")
+    assert r.keys(f"{prefix}:~room:*") == [], "no key left behind"
+
+    # describe(): per limit, with the age; a bounded read says it is partial.
+    for tenant in range(5):
+        room.park(f"tenant:t{tenant}", "x", redis_now(r) + 100 + tenant, b"m", version=0)
+    old_max = status.MAX_ROOMS_READ
+    try:
+        described = status._parked(r, prefix, ["tenant"], None)["tenant"]
+        assert described["parked"] == 5 and not described["parked_partial"]
+        assert described["oldest_parked_for"] is not None and described["oldest_parked_for"] < 5
+        status.MAX_ROOMS_READ = 3
+        described = status._parked(r, prefix, ["tenant"], None)["tenant"]
+        assert described["parked"] == 3 and described["parked_partial"], "the 3 rooms due first, and says so"
+        assert status._parked(r, prefix, ["tenant"], "t4")["tenant"]["parked"] == 1, "--key reads that room"
+    finally:
+        status.MAX_ROOMS_READ = old_max

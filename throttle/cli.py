@@ -149,7 +149,7 @@ def _limits_table(described: dict[str, LimitStatus]) -> Any:
         f = status.in_force
         tokens = "per key" if f.per_key and status.tokens is None else _fmt(status.tokens)
         paused = f"{f.pause_left:.0f}s" if f.pause_left else ""
-        parked = str(status.parked) if status.parked else ""
+        parked = f"{'>=' if status.parked_partial else ''}{status.parked}" if status.parked else ""
         if status.next_release_in is not None:
             parked += f" (next in {status.next_release_in:.0f}s)"
         table.add_row(name, _fmt(status.rate), _fmt(status.burst), f.mode, status.source, tokens, paused,
@@ -182,6 +182,12 @@ def list_(obj: Context, as_json: bool) -> None:
     Console().print(_limits_table(described))
 
 
+#: What ``throttle inspect`` prints under the table, when known.
+_INSPECT_FIELDS = (
+    "configured", "override", "bucket", "next_token_in", "full_in", "last_release_in", "oldest_parked_for",
+)  # fmt: skip
+
+
 @cli.command()
 @click.argument("name", callback=lambda ctx, param, value: _name(value))
 @click.option("--key", default=None, help="one tenant's bucket of a per-key limit")
@@ -203,7 +209,15 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
 
     console = Console()
     console.print(_limits_table({name: status}))
-    for field in ("configured", "override", "bucket", "next_token_in", "full_in", "last_release_in"):
+    for field in (
+        "configured",
+        "override",
+        "bucket",
+        "next_token_in",
+        "full_in",
+        "last_release_in",
+        "oldest_parked_for",
+    ):
         if info.get(field) is not None:
             console.print(f"{field}: {info[field]}")
     console.print("counters: " + ", ".join(f"{k} {v:g}" for k, v in info["metrics"].items()))

@@ -161,6 +161,8 @@ class RoomKeys:
         self.claims = own_key(prefix, "room", tag, "c")
         #: hash: "version" -> the room's limit version its release times were planned under.
         self.plan = own_key(prefix, "room", tag, "p")
+        #: zset: entry -> when it was parked, Redis time in us (the oldest entry's age, for operators).
+        self.since = own_key(prefix, "room", tag, "s")
         #: prefix of the markers that tell a released message from a second copy of it.
         self.released = own_key(prefix, "room", tag, "r") + ":"
 

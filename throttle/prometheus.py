@@ -59,6 +59,9 @@ class ThrottleCollector:
             "throttle_tokens", "Tokens in the bucket (limits not split per key)", labels=["limit"]
         )
         parked = GaugeMetricFamily("throttle_parked", "Tasks waiting in the waiting room (Redis)", labels=["limit"])
+        oldest = GaugeMetricFamily(
+            "throttle_parked_oldest_seconds", "How long the task parked longest ago has waited", labels=["limit"]
+        )
         parked_total = CounterMetricFamily(
             "throttle_parked_tasks", "Deferrals that parked the task in the waiting room", labels=["limit"]
         )
@@ -68,6 +71,8 @@ class ThrottleCollector:
         for name, status in described.items():
             fields = metrics.get(name, {})
             parked.add_metric([name], status.parked)
+            if status.oldest_parked_for is not None:
+                oldest.add_metric([name], status.oldest_parked_for)
             parked_total.add_metric([name], fields.get("parked", 0.0))
             duplicates.add_metric([name], fields.get("duplicates", 0.0))
             for key, value in fields.items():
@@ -96,5 +101,5 @@ class ThrottleCollector:
         scrape = GaugeMetricFamily("throttle_scrape_seconds", "Time to read throttle's state from Redis")
         scrape.add_metric([], time.monotonic() - started)
         yield from (admitted, deferred, pauses, errors, shadow, wait, rate, burst, pause_left, shadow_mode, tokens)
-        yield from (parked, parked_total, duplicates)
+        yield from (parked, oldest, parked_total, duplicates)
         yield scrape

@@ -14,6 +14,7 @@ rooms spread over a cluster's shards like their buckets):
 - ``messages`` hash  entry -> the parked message (bytes, as the caller packed it)
 - ``claims``   zset  entry -> claim expiry: taken by a releaser, not yet acknowledged
 - ``plan``     hash  "version" -> the limit version the release times follow
+- ``since``    zset  entry -> when it was parked (the oldest entry's age)
 - ``released:<entry>``  which copy of a released message arrived first
 
 and ``<prefix>:~{rooms}``, the index: zset room -> earliest release time,
@@ -80,6 +81,7 @@ class RoomStats:
     claimed: int
     next_at: float | None
     last_at: float | None
+    oldest_at: float | None = None  # when the entry parked longest ago was parked
 
 
 class WaitingRoom:
@@ -104,7 +106,9 @@ class WaitingRoom:
             raise ValueError(f"entry must be a non-empty str, got {entry!r}")
         keys = self.keys(room)
         at_us = round(release_at * US_PER_S)
-        earliest = self._park(keys=[keys.entries, keys.messages, keys.plan], args=[entry, at_us, message, version])
+        earliest = self._park(
+            keys=[keys.entries, keys.messages, keys.plan, keys.since], args=[entry, at_us, message, version]
+        )
         # Two round trips, not one script: on a cluster the index and the
         # room live in different slots.  LT: only ever moves it earlier.
         self.redis.zadd(self.index, {room: float(earliest)}, lt=True)
@@ -120,7 +124,7 @@ class WaitingRoom:
         """Take up to ``limit`` entries due within ``ahead`` seconds, for ``hold`` seconds."""
         keys = self.keys(room)
         args = [round(ahead * US_PER_S), round(hold * US_PER_S), limit]
-        reply = self._claim(keys=[keys.entries, keys.messages, keys.claims, keys.plan], args=args)
+        reply = self._claim(keys=[keys.entries, keys.messages, keys.claims, keys.plan, keys.since], args=args)
         now, next_at, rest = int(reply[0]) / US_PER_S, _text(reply[1]), reply[2:]
         parked = [
             Parked(_text(rest[i]), float(rest[i + 1]) / US_PER_S, bytes(rest[i + 2])) for i in range(0, len(rest), 3)
@@ -132,7 +136,9 @@ class WaitingRoom:
         if not entries:
             return 0
         keys = self.keys(room)
-        return int(self._ack(keys=[keys.entries, keys.messages, keys.claims, keys.plan], args=list(entries)))
+        return int(
+            self._ack(keys=[keys.entries, keys.messages, keys.claims, keys.plan, keys.since], args=list(entries))
+        )
 
     def reindex(self, room: str, next_at: float | None) -> None:
         """Put ``room`` in the index at ``next_at`` (None: take it out), then look again.
@@ -185,6 +191,14 @@ class WaitingRoom:
         names = [_text(r) for r in self.redis.zrange(self.index, 0, -1)]
         return [n for n in names if limit is None or n == limit or n.startswith(f"{limit}:")]
 
+    def rooms_due_first(self, most: int) -> tuple[list[str], int]:
+        """The ``most`` rooms with the earliest releases, and how many rooms the index holds."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(self.index, 0, most - 1)
+        pipe.zcard(self.index)
+        names, total = pipe.execute()
+        return [_text(r) for r in names], int(total)
+
     def stats(self, rooms: Sequence[str]) -> list[RoomStats]:
         """Counts and release times of ``rooms`` (one pipelined round trip)."""
         pipe = self.redis.pipeline(transaction=False)
@@ -194,10 +208,11 @@ class WaitingRoom:
             pipe.zcard(keys.claims)
             pipe.zrange(keys.entries, 0, 0, withscores=True)
             pipe.zrange(keys.entries, -1, -1, withscores=True)
+            pipe.zrange(keys.since, 0, 0, withscores=True)
         replies = pipe.execute() if rooms else []
         out = []
         for i, room in enumerate(rooms):
-            parked, claimed, first, last = replies[4 * i : 4 * i + 4]
+            parked, claimed, first, last, oldest = replies[5 * i : 5 * i + 5]
             out.append(
                 RoomStats(
                     room,
@@ -205,6 +220,7 @@ class WaitingRoom:
                     int(claimed),
                     first[0][1] / US_PER_S if first else None,
                     last[0][1] / US_PER_S if last else None,
+                    oldest[0][1] / US_PER_S if oldest else None,
                 )
             )
         return out

@@ -35,6 +35,8 @@ class LimitStatus:
     parked: int = 0  # tasks in the waiting room (the tenant's, with a key)
     next_release_in: float | None = None  # seconds until the room's first release
     last_release_in: float | None = None  # seconds until its last (when the backlog is through)
+    oldest_parked_for: float | None = None  # seconds the task parked longest ago has been waiting there
+    parked_partial: bool = False  # more rooms than MAX_ROOMS_READ: the figures cover the first due only
 
     @property
     def name(self) -> str:
@@ -73,6 +75,8 @@ class LimitStatus:
         if self.parked:
             info["next_release_in"] = self.next_release_in
             info["last_release_in"] = self.last_release_in
+            info["oldest_parked_for"] = self.oldest_parked_for
+            info["parked_partial"] = self.parked_partial
         if self.bucket is not None:
             info["next_token_in"] = self.next_token_in
             info["full_in"] = self.full_in
@@ -102,10 +106,21 @@ def describe(
     }
 
 
+#: ``list``, ``watch`` and a Prometheus scrape read at most this many rooms
+#: (the first due): a per-tenant limit may have a room per tenant, and an
+#: operator's command must not read 100,000 of them every second.
+MAX_ROOMS_READ = 1000
+
+
 def _parked(client: Any, prefix: str, names: list[str], key: str | None) -> dict[str, dict[str, Any]]:
     """Per limit: tasks in its waiting rooms (``key``: that tenant's room) and when they are released."""
     room = WaitingRoom(client, prefix)
-    rooms = [room_of(names[0], key)] if key is not None and names else room.rooms()
+    partial = False
+    if key is not None and names:
+        rooms = [room_of(names[0], key)]
+    else:
+        rooms, total = room.rooms_due_first(MAX_ROOMS_READ)
+        partial = total > len(rooms)
     stats = room.stats(rooms)
     if not stats:
         return {}
@@ -116,10 +131,13 @@ def _parked(client: Any, prefix: str, names: list[str], key: str | None) -> dict
         mine = [s for s in stats if limit_of(s.room) == name]
         firsts = [s.next_at for s in mine if s.next_at is not None]
         lasts = [s.last_at for s in mine if s.last_at is not None]
+        olds = [s.oldest_at for s in mine if s.oldest_at is not None]
         out[name] = {
             "parked": sum(s.parked + s.claimed for s in mine),
             "next_release_in": round(max(0.0, min(firsts) - now), 3) if firsts else None,
             "last_release_in": round(max(0.0, max(lasts) - now), 3) if lasts else None,
+            "oldest_parked_for": round(max(0.0, now - min(olds)), 3) if olds else None,
+            "parked_partial": partial,
         }
     return out
 

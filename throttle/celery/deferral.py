@@ -15,11 +15,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import Ignore
+
 if TYPE_CHECKING:
     from celery import Signature, Task
 
 __all__ = [
     "DeferralReason",
+    "Deferred",
+    "EVENT_DEFERRED",
+    "STATE_DEFERRED",
     "Stamp",
     "resend",
     "HEADER_DEFERRALS",
@@ -44,9 +49,37 @@ HEADER_ETA = "throttle_eta"  # when it should arrive, Redis time in seconds (see
 HEADER_RELEASED = "throttle_released"  # [room, park id, copy id]: released from the waiting room
 HEADER_PARKED = "throttle_parked"  # the park id: each park of a task has its own (throttle.celery.release)
 
+#: The Celery event a worker sends for each deferral (when it sends task
+#: events: ``celery worker -E`` or ``celery control enable_events``), with
+#: the fields ``wait``, ``reason``, ``deferrals`` and ``parked``.  Monitors
+#: (Flower, ``celery events``, ``celery.events.state``) show the task
+#: ``DEFERRED`` instead of ``STARTED`` while it waits.
+EVENT_DEFERRED = "task-deferred"
+
+#: The result state a deferral stores for a task with ``track_started``
+#: (which stored STARTED before the gate ran): the task waits, it does not run.
+STATE_DEFERRED = "DEFERRED"
+
 #: How hard a deferral tries to publish before giving up (the message was
 #: already acknowledged with early acks, so publishing is what keeps it).
 _PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5.0}
+
+
+class Deferred(Ignore):  # type: ignore[misc]
+    """How the gate ends a run it deferred: Celery's ``Ignore`` (acknowledge, no
+    result, no retry), with what the worker's request needs for its event.
+
+    Its constructor's arguments are its ``args``: it crosses from a prefork
+    child to the worker's main process pickled.
+    """
+
+    def __init__(self, wait: float, reason: str, deferrals: int, parked: bool) -> None:
+        super().__init__(wait, reason, deferrals, parked)
+        self.wait, self.reason, self.deferrals, self.parked = wait, reason, deferrals, parked
+
+    def fields(self) -> dict[str, Any]:
+        """The event's fields (JSON-ready)."""
+        return {"wait": round(self.wait, 3), "reason": self.reason, "deferrals": self.deferrals, "parked": self.parked}
 
 
 class DeferralReason(StrEnum):

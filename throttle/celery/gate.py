@@ -34,7 +34,7 @@ from ..limit import MAX_WAIT_SECONDS, Limit
 from ..room import ARRIVAL_MEMORY_S
 from ..tickets import Verdict
 from . import signals
-from .deferral import HEADER_PARKED, DeferralReason, Stamp, outgoing, resend
+from .deferral import HEADER_PARKED, STATE_DEFERRED, DeferralReason, Deferred, Stamp, outgoing, resend
 from .options import TaskPlan
 from .parking import pack
 from .runtime import Effective, runtime_for
@@ -413,7 +413,24 @@ class Gate:
             deferrals=self.deferrals + 1,
             parked=parked,
         )
-        raise Ignore()
+        deferred = Deferred(wait, reason.value, self.deferrals + 1, parked)
+        self._store_waiting(deferred)
+        raise deferred
+
+    def _store_waiting(self, deferred: Deferred) -> None:
+        """With ``track_started``, Celery stored STARTED before the gate ran: say DEFERRED instead.
+
+        Best effort: the task is already re-sent, a result backend that
+        cannot answer must not lose it.  Nothing is stored otherwise (the
+        state stays PENDING, which already says "not run yet").
+        """
+        task, request = self.task, self.task.request
+        if not task.track_started or task.ignore_result or getattr(request, "ignore_result", False):
+            return
+        try:
+            task.backend.store_result(request.id, deferred.fields(), STATE_DEFERRED, request=request)
+        except Exception as exc:  # any backend, any failure: the deferral stands
+            logger.warning("%s[%s] could not store its DEFERRED state: %s", task.name, request.id, exc)
 
     def _park(self, wait: float, redis_now: float, versions: str) -> bool:
         """Keep the deferred task in the waiting room until shortly before its slot.

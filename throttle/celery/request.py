@@ -28,7 +28,7 @@ from celery.worker.request import Request
 from redis.exceptions import RedisError
 
 from ..connect import client_from_url
-from .deferral import HEADER_ETA
+from .deferral import EVENT_DEFERRED, HEADER_ETA, Deferred
 from .settings import settings_for
 
 __all__ = ["ThrottleRequest", "ClockOffset", "clock_offset"]
@@ -97,7 +97,23 @@ def clock_offset(app: Celery) -> float | None:
 
 
 class ThrottleRequest(Request):  # type: ignore[misc]
-    """Celery's request, with the ETA of a throttle deferral read on Redis' clock."""
+    """Celery's request, with the ETA of a throttle deferral read on Redis' clock,
+    and a ``task-deferred`` event for each deferral.
+
+    The event is sent here, in the worker's main process, with the worker's
+    own event dispatcher: only when the worker sends task events at all, and
+    on the connection Celery already keeps for them (a pool child would
+    open one per event).
+    """
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # a prefork child's exception comes wrapped (ExceptionWithTraceback)
+        if isinstance(exc, Deferred):
+            # Without this event, monitors keep the task STARTED for its
+            # whole wait: Celery sends nothing after an Ignore.
+            self.send_event(EVENT_DEFERRED, **exc.fields())
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     @property
     def eta(self) -> datetime | None:

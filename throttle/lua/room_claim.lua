@@ -4,6 +4,7 @@
 -- KEYS[2]   <prefix>:~room:{<room>}:m   hash  entry -> the parked message
 -- KEYS[3]   <prefix>:~room:{<room>}:c   zset  entry -> when this claim expires, Redis us
 -- KEYS[4]   <prefix>:~room:{<room>}:p   hash  the room's plan (deleted with the room's last entry)
+-- KEYS[5]   <prefix>:~room:{<room>}:s   zset  entry -> when it was parked
 -- ARGV[1]   release what is due up to this far ahead, us
 -- ARGV[2]   how long a claim lasts, us (a releaser killed before it acknowledged gives its entries back then)
 -- ARGV[3]   at most this many entries
@@ -39,6 +40,8 @@ for i = 1, #due, 2 do
     out[#out + 1] = id
     out[#out + 1] = due[i + 1]
     out[#out + 1] = message
+  else
+    redis.call('ZREM', KEYS[5], id)  -- an entry without its message cannot be released: forget it whole
   end
 end
 
