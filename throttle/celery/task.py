@@ -17,8 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import task_postrun
 
 from ..errors import RateLimited
+from .deferral import Deferred
 from .gate import Gate
 from .options import TaskPlan, resolve_options
 from .release import start_releaser  # noqa: F401  (connects the releaser to worker start)
@@ -91,7 +93,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         plan = self._throttle_plan
         if plan is None or request.is_eager or request.called_directly:
             return
-        Gate(self, plan, list(args or ()), dict(kwargs or {})).admit()
+        try:
+            Gate(self, plan, list(args or ()), dict(kwargs or {})).admit()
+        except Deferred as deferred:
+            raise _shallow(deferred) from None
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, *rest: Any, **options: Any) -> Any:
         """Celery's ``retry``; a ``RateLimited`` ``exc`` pauses the fleet instead.
@@ -106,7 +111,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if isinstance(exc, RateLimited) and plan is not None and not (request.is_eager or request.called_directly):
             call_args = list(request.args if args is None else args)
             call_kwargs = dict(request.kwargs if kwargs is None else kwargs)
-            Gate(self, plan, call_args, call_kwargs).rate_limited(exc)
+            try:
+                Gate(self, plan, call_args, call_kwargs).rate_limited(exc)
+            except Deferred as deferred:
+                raise _shallow(deferred) from None
         return super().retry(args, kwargs, exc, *rest, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -118,5 +126,40 @@ class ThrottledTask(Task):  # type: ignore[misc]
         try:
             return self.run(*args, **kwargs)
         except RateLimited as exc:
-            Gate(self, self._throttle_plan, list(args), dict(kwargs)).rate_limited(exc)
+            try:
+                Gate(self, self._throttle_plan, list(args), dict(kwargs)).rate_limited(exc)
+            except Deferred as deferred:
+                raise _shallow(deferred) from None
             raise  # only shadow limits: the error is the task's
+
+
+def _shallow(deferred: Deferred) -> Deferred:
+    """``deferred`` without the gate's frames in its traceback.
+
+    Celery turns the ``Ignore`` of every deferral into two picklable
+    tracebacks (billiard's ``ExceptionInfo``: each frame's code positions,
+    the formatted text), about 0.2 ms per frame on top of its own ~0.7 ms;
+    a deferral is routine, not an error, and its traceback is never read.
+    Measured with Celery's tracer: 0.94 -> 0.76 ms per deferral.
+    """
+    deferred.__traceback__ = None
+    return deferred
+
+
+def _free_deferral(retval: Any = None, **_: Any) -> None:
+    """Let a deferral's garbage go at once, not at the next full collection.
+
+    Celery's tracer keeps the ``Ignore`` it caught (``TraceInfo.retval``)
+    in a local of its own frame, and the exception's traceback points back
+    at that frame: a reference cycle that only the cyclic collector frees,
+    and only in its rare full collections, while each cycle holds the
+    request, two picklable tracebacks and their code positions (~0.4 MB).
+    Measured in a pool child parking tasks: RSS 50 -> 195 MB, then flat.
+    Cutting the traceback here (the tracer is done with it: it sends this
+    signal last) breaks the cycle, and reference counting frees the rest.
+    """
+    if isinstance(retval, Deferred):
+        retval.__traceback__ = None
+
+
+task_postrun.connect(_free_deferral, weak=False)
