@@ -7,14 +7,17 @@ buckets live in the test session's private redis-server.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
+import redis
 
 from tests.celery.conftest import broker as _broker
 from throttle.celery import EPSILON_S
+from throttle.live import LiveLimits
 from throttle.testing.redis_server import RedisServer
 from throttle.testing.windows import Segment, peak_in_window, violations
 
@@ -174,3 +177,27 @@ def test_backend_down_fail_fails_the_task(fleet_factory: Any, restartable_redis:
         time.sleep(0.2)
     assert fleet.counts("failed") == {"BackendUnavailable": 3}
     assert fleet.records() == []
+
+
+def test_an_idle_fleet_lists_its_limits(fleet_factory: Any, redis_url: str) -> None:
+    """Workers publish their configured limits when they start, not at their
+    first task: ``throttle list`` shows an idle fleet's limits (and ``throttle
+    pause NAME`` knows them) within a second of the workers being ready."""
+    from tests.test_cli import run
+
+    fleet = fleet_factory(_broker("redis"), {"api": {"rate": "7/s", "burst": 3}}, workers=1, concurrency=1)
+    prefix = f"throttle-{fleet.queue}"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        live = LiveLimits(client, prefix)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and "api" not in live.configured():
+            time.sleep(0.05)
+        assert "api" in live.configured(), "published within a second of the worker being ready"
+    finally:
+        client.close()
+    listed = json.loads(run(redis_url, prefix, "list", "--json").stdout)
+    assert listed["api"]["rate"] == 7 and listed["api"]["burst"] == 3, listed
+    assert fleet.records() == [], "no task ran"
+    paused = run(redis_url, prefix, "pause", "api", "--for", "5s")
+    assert paused.returncode == 0, paused.stderr

@@ -29,7 +29,6 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 
 from ..keys import limit_of
@@ -228,24 +227,3 @@ def stop_releaser(app: Celery) -> None:
     releaser = _releasers.pop(id(app), None)
     if releaser is not None:
         releaser.stop()
-
-
-def _throttled(app: Celery) -> bool:
-    return any(getattr(task, "_throttle_plan", None) is not None for task in app.tasks.values())
-
-
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """Every worker of a fleet with throttled tasks releases parked tasks."""
-    app = getattr(sender, "app", None)
-    if app is not None and _throttled(app):
-        start_releaser(app)
-
-
-def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
-    app = getattr(sender, "app", None)
-    if app is not None:
-        stop_releaser(app)
-
-
-worker_ready.connect(_on_worker_ready, weak=False)
-worker_shutdown.connect(_on_worker_shutdown, weak=False)

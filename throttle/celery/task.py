@@ -20,10 +20,10 @@ from celery import Celery, Task
 from celery.signals import task_postrun
 
 from ..errors import RateLimited
+from . import lifecycle  # noqa: F401  (connects what a worker does at start and stop)
 from .deferral import Deferred
 from .gate import Gate
 from .options import TaskPlan, resolve_options
-from .release import start_releaser  # noqa: F401  (connects the releaser to worker start)
 from .settings import settings_for
 
 __all__ = ["ThrottledTask"]
