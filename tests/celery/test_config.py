@@ -208,3 +208,76 @@ def test_reference_worker_keeps_results_when_given_a_backend() -> None:
     assert celery_config({})["task_ignore_result"] is True
     pickled = celery_config({"RESULT_BACKEND": "redis://h/1", "RESULT_SERIALIZER": "pickle"})
     assert pickled["result_serializer"] == "pickle" and pickled["result_accept_content"] == ["json", "pickle"]
+
+
+def test_app_wide_task_cls_leaves_tasks_without_a_limit_unthrottled() -> None:
+    """``Celery(task_cls=ThrottledTask)``: the app finalizes, Celery's built-in
+    tasks and tasks naming no limit run unthrottled, tasks naming one are."""
+    app = Celery("wide", broker="redis://127.0.0.1:1/3", task_cls=ThrottledTask, set_as_current=False)
+    app.conf.throttle_limits = {"api": {"rate": "10/s"}}
+
+    @app.task(name="wide.limited", throttle="api")
+    def limited() -> None: ...
+
+    @app.task(name="wide.plain")
+    def plain() -> None: ...
+
+    app.finalize()
+    assert app.tasks["wide.limited"]._throttle_plan is not None
+    assert app.tasks["wide.plain"]._throttle_plan is None
+    assert app.tasks["celery.chord"]._throttle_plan is None and isinstance(app.tasks["celery.chord"], ThrottledTask)
+    # Outside an app-wide task_cls, a forgotten throttle option is still an error.
+    other = Celery("explicit", broker="redis://127.0.0.1:1/3", set_as_current=False)
+
+    @other.task(name="explicit.forgot", base=ThrottledTask)
+    def forgot() -> None: ...
+
+    with pytest.raises(ValueError, match="no throttle option"):
+        other.finalize()
+
+
+SHARED_TASK_SCRIPT = """
+from celery import Celery, shared_task
+from throttle.celery import ThrottledTask
+
+@shared_task(base=ThrottledTask, throttle="10/s", name="shared.limited")
+def limited(n):
+    return n
+
+plain = Celery("plain", broker="memory://", set_as_current=False)  # no throttle settings at all
+plain.finalize()
+try:
+    plain.tasks["shared.limited"].delay(1)
+except ValueError as exc:
+    print("refused:", exc)
+print("eager:", plain.tasks["shared.limited"].apply(args=(2,)).get())
+
+configured = Celery("configured", broker="memory://", set_as_current=False)
+configured.conf.throttle_redis_url = "redis://127.0.0.1:1/0"
+configured.finalize()
+print("configured:", configured.tasks["shared.limited"]._throttle_plan is not None)
+
+broken = Celery("broken", broker="memory://", set_as_current=False)
+broken.conf.throttle_limits = {"api": {"rate": "10/s"}}  # uses throttle, but no Redis for it
+try:
+    broken.finalize()
+except ValueError as exc:
+    print("broken:", exc)
+"""
+
+
+def test_a_shared_task_in_an_app_without_throttle_settings() -> None:
+    """A shared throttled task is bound into every app of the process (a test
+    app, a second app): one with no throttle settings still finalizes, and
+    sending the task from it is refused with the reason; an app that does
+    configure throttle, badly, still fails at finalize. (A subprocess: shared
+    tasks stay registered for every later app of the process.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", SHARED_TASK_SCRIPT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "refused: task 'shared.limited' is throttled" in out and "app 'plain' has no throttle settings" in out, out
+    assert "eager: 2" in out, "eager runs are never throttled"
+    assert "configured: True" in out
+    assert "broken: throttle_redis_url is not set" in out, out

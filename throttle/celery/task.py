@@ -57,23 +57,41 @@ class ThrottledTask(Task):  # type: ignore[misc]
     #: The worker reads a deferral's ETA on Redis' clock (hosts' clocks may differ).
     Request = "throttle.celery.request:ThrottleRequest"
 
+    #: Why this task cannot be throttled in the app it is bound to (a shared
+    #: task in an app without throttle settings): raised when it is sent.
+    _throttle_unusable: str | None = None
+
     @classmethod
     def bind(cls, app: Celery) -> Any:
         bound = super().bind(app)
-        # Resolve (and so check) the options when the app is finalized: a
-        # worker with a bad limit fails at start, not at its first task.
+        cls._throttle_plan, cls._throttle_unusable = None, None
         if cls.throttle is None:
+            if _app_wide(app):
+                # Celery(task_cls=ThrottledTask): every task of the app,
+                # Celery's built-ins too, is one of ours; those that name no
+                # limit are not throttled.
+                return bound
             raise ValueError(
                 f"task {cls.name!r} has base=ThrottledTask but no throttle option: name a limit, "
                 "e.g. @app.task(base=ThrottledTask, throttle='github')"
             )
+        try:
+            settings = settings_for(app)
+        except ValueError as exc:
+            if _configures_throttle(app):
+                raise  # a worker with bad throttle settings fails at start, not at its first task
+            # A shared task bound into an app that does not use throttle at
+            # all (a second app in the process, a test app): the app must
+            # still finalize; sending this task from it is refused.
+            cls._throttle_unusable = (
+                f"task {cls.name!r} is throttled (throttle={cls.throttle!r}) but app {app.main!r} "
+                f"has no throttle settings: {exc}"
+            )
+            return bound
+        # Resolve (and so check) the options when the app is finalized: a
+        # worker with a bad limit fails at start, not at its first task.
         cls._throttle_plan = resolve_options(
-            cls.name or cls.__name__,
-            cls.throttle,
-            cls.throttle_burst,
-            cls.throttle_key,
-            cls.throttle_cost,
-            settings_for(app),
+            cls.name or cls.__name__, cls.throttle, cls.throttle_burst, cls.throttle_key, cls.throttle_cost, settings
         )
         return bound
 
@@ -81,6 +99,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         # Producers fail fast too: a cost or key the bucket would refuse is
         # refused before the message is sent.
         plan = self._throttle_plan
+        if self._throttle_unusable is not None and not self.app.conf.task_always_eager:
+            raise ValueError(self._throttle_unusable)
         if plan is not None and not self.app.conf.task_always_eager:
             call_args, call_kwargs = list(args or ()), dict(kwargs or {})
             plan.cost_for(call_args, call_kwargs)
@@ -131,6 +151,16 @@ class ThrottledTask(Task):  # type: ignore[misc]
             except Deferred as deferred:
                 raise _shallow(deferred) from None
             raise  # only shadow limits: the error is the task's
+
+
+def _app_wide(app: Celery) -> bool:
+    """Whether ``app`` makes every task a ThrottledTask (``Celery(task_cls=ThrottledTask)``)."""
+    return issubclass(app.Task, ThrottledTask)
+
+
+def _configures_throttle(app: Celery) -> bool:
+    """Whether ``app``'s config says anything about throttle (then its errors are the user's to see)."""
+    return any(str(key).startswith("throttle_") for key in app.conf)
 
 
 def _shallow(deferred: Deferred) -> Deferred:
