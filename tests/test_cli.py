@@ -250,3 +250,31 @@ def test_parked_tasks_show_and_release(redis_url: str, r: redis.Redis, fleet_pre
     after = json.loads(run(redis_url, fleet_prefix, "list", "--json").stdout)["api"]
     assert after["parked"] == 5 and after["last_release_in"] < 1, "all due now, for the workers' releasers"
     assert run(redis_url, fleet_prefix, "release", "tenant", "--key", "globex").returncode == 1
+
+
+def test_version_help_and_python_m(redis_url: str, fleet_prefix: str) -> None:
+    from throttle import __version__
+
+    for args in (["--version"], ["-V"]):
+        out = run(redis_url, fleet_prefix, *args)
+        assert out.returncode == 0 and out.stdout.strip() == f"throttle, version {__version__}", out
+    for args in (["-h"], ["--help"], ["list", "-h"], ["pause", "-h"]):
+        out = run(redis_url, fleet_prefix, *args)
+        assert out.returncode == 0 and out.stdout.startswith("Usage: throttle"), (args, out)
+    env = {**os.environ, "THROTTLE_REDIS_URL": redis_url, "THROTTLE_PREFIX": fleet_prefix}
+    command = [sys.executable, "-m", "throttle", "list", "--json"]
+    module = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert module.returncode == 0 and set(json.loads(module.stdout)) == {"api", "tenant"}, module.stderr
+
+
+def test_global_options_after_the_command(redis_url: str, fleet_prefix: str) -> None:
+    """``throttle list --redis-url X --prefix P`` as people type it: given
+    after the command, the options win over the environment and over the
+    same options given before it."""
+    wrong = {"THROTTLE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    out = run(redis_url, "nowhere", "list", "--json", "--redis-url", redis_url, "--prefix", fleet_prefix, env=wrong)
+    assert out.returncode == 0 and set(json.loads(out.stdout)) == {"api", "tenant"}, out.stderr
+    out = run(redis_url, fleet_prefix, "--prefix", "nowhere", "inspect", "api", "--prefix", fleet_prefix, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["api"]["burst"] == 5, out.stderr
+    bad = run(redis_url, fleet_prefix, "list", "--redis-url", "http://example.com")
+    assert bad.returncode == 2 and "--redis-url" in bad.stderr and "not a Redis URL" in bad.stderr

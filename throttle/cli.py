@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 import click
 import redis
 
+from . import __version__
 from .bucket import TokenBucket
 from .connect import SCHEMES, SINGLE, client_from_url, redact
 from .keys import LIMIT_NAME, room_of
@@ -122,18 +123,29 @@ def _name(value: str) -> str:
     return value
 
 
-@click.group(
-    help="Look at and change a running fleet's limits: list, inspect, set, unset, pause, resume, reset, "
-    "watch, metrics.  Redis: --redis-url or $THROTTLE_REDIS_URL; prefix: --prefix or $THROTTLE_PREFIX."
-)
-@click.option("--redis-url", default=None, help="where the buckets live (default: $THROTTLE_REDIS_URL)")
-@click.option("--prefix", default=None, help="key prefix of the fleet (default: $THROTTLE_PREFIX or 'throttle')")
-@click.pass_context
-def cli(ctx: click.Context, redis_url: str | None, prefix: str | None) -> None:
-    url = redis_url or default_redis_url()
+_URL_HELP = "where the buckets live (default: $THROTTLE_REDIS_URL)"
+_PREFIX_HELP = "key prefix of the fleet (default: $THROTTLE_PREFIX or 'throttle')"
+
+
+def _checked_url(url: str) -> str:
     _current_url[0] = url
     if not url.startswith(SCHEMES):
         raise click.BadParameter(f"not a Redis URL: {redact(url)!r}", param_hint="--redis-url")
+    return url
+
+
+@click.group(
+    help="Look at and change a running fleet's limits: list, inspect, set, unset, pause, resume, reset, "
+    "release, watch, metrics.  Redis: --redis-url or $THROTTLE_REDIS_URL; prefix: --prefix or "
+    "$THROTTLE_PREFIX (before or after the command).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(__version__, "--version", "-V", prog_name="throttle")
+@click.option("--redis-url", default=None, help=_URL_HELP)
+@click.option("--prefix", default=None, help=_PREFIX_HELP)
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None, prefix: str | None) -> None:
+    url = _checked_url(redis_url or default_redis_url())
     ctx.obj = Context(url, prefix if prefix is not None else os.environ.get("THROTTLE_PREFIX", "throttle"))
 
 
@@ -406,11 +418,34 @@ def metrics(obj: Context, port: int, host: str) -> None:
     server.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _url_after(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        obj = ctx.find_object(Context)
+        if obj is not None:
+            obj.url, obj._client = _checked_url(value), None
+
+
+def _prefix_after(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        obj = ctx.find_object(Context)
+        if obj is not None:
+            obj.prefix = value
+
+
+# The global options are accepted after the command too (`throttle list
+# --redis-url X`), as people type them; given after, they win.
+for _command in cli.commands.values():
+    _command.params += [
+        click.Option(["--redis-url"], default=None, expose_value=False, callback=_url_after, help=_URL_HELP),
+        click.Option(["--prefix"], default=None, expose_value=False, callback=_prefix_after, help=_PREFIX_HELP),
+    ]
+
+
+def main(argv: list[str] | None = None, prog_name: str = "throttle") -> int:
     """Run the CLI; errors are one line on stderr (2: bad arguments, 1: Redis)."""
     try:
         # standalone_mode=False: click returns an Exit's code instead of exiting.
-        code = cli.main(args=argv, prog_name="throttle", standalone_mode=False)
+        code = cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as done:
         code = int(done.exit_code)
     except click.Abort:
