@@ -53,12 +53,19 @@ def test_original_example_names_exist() -> None:
 @pytest.mark.fleet
 def test_celery_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
     """tasks.py from the README, a real worker, 30 tasks: 10/s burst 5 holds."""
+    run_celery_quickstart(sys.executable, redis_url, tmp_path)
+
+
+def run_celery_quickstart(python: str, redis_url: str, tmp_path: Path) -> None:
+    """The README's Celery quickstart with ``python`` (this venv's, or a fresh
+    one's that installed the built wheel: ``tests/test_package.py``)."""
     (tmp_path / "tasks.py").write_text(quickstart("celery"))
     env = dict(os.environ, REDIS_URL=redis_url, PYTHONPATH=str(tmp_path))
+    log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--concurrency", "4", "--without-mingle",
+        [python, "-m", "celery", "-A", "tasks", "worker", "--concurrency", "4", "--without-mingle",
          "--without-gossip", "-l", "warning"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         code = (
@@ -67,15 +74,9 @@ def test_celery_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
             "print([x.get(timeout=60) for x in r]); print(time.monotonic() - t)"
         )
         result = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            [python, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
         )
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, result.stderr + (tmp_path / "worker.log").read_text()
         names, elapsed = result.stdout.strip().splitlines()
         assert names == str([f"r{i}" for i in range(30)])
         # 30 calls at 10/s with a burst of 5 need at least 2.5 s.
@@ -87,3 +88,4 @@ def test_celery_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+        log.close()

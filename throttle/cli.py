@@ -401,7 +401,7 @@ def metrics(obj: Context, port: int, host: str) -> None:
     try:
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError:
-        _fail("throttle metrics needs prometheus-client: pip install 'throttle[metrics]'", 1)
+        _fail("throttle metrics needs prometheus-client: pip install 'celery-fleet-throttle[metrics]'", 1)
 
     obj.live.read()  # fail now, with one line, if Redis is not there
     registry = CollectorRegistry()
