@@ -216,10 +216,10 @@ def test_app_wide_task_cls_leaves_tasks_without_a_limit_unthrottled() -> None:
     app = Celery("wide", broker="redis://127.0.0.1:1/3", task_cls=ThrottledTask, set_as_current=False)
     app.conf.throttle_limits = {"api": {"rate": "10/s"}}
 
-    @app.task(name="wide.limited", throttle="api")
+    @app.task(name="wide.limited", throttle="api", shared=False)
     def limited() -> None: ...
 
-    @app.task(name="wide.plain")
+    @app.task(name="wide.plain", shared=False)
     def plain() -> None: ...
 
     app.finalize()
@@ -229,7 +229,7 @@ def test_app_wide_task_cls_leaves_tasks_without_a_limit_unthrottled() -> None:
     # Outside an app-wide task_cls, a forgotten throttle option is still an error.
     other = Celery("explicit", broker="redis://127.0.0.1:1/3", set_as_current=False)
 
-    @other.task(name="explicit.forgot", base=ThrottledTask)
+    @other.task(name="explicit.forgot", base=ThrottledTask, shared=False)
     def forgot() -> None: ...
 
     with pytest.raises(ValueError, match="no throttle option"):

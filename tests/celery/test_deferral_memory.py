@@ -39,7 +39,7 @@ def test_deferrals_leave_no_cycles(redis_url: str, prefix: str, gc_off: None) ->
         task_ignore_result=True,
     )
 
-    @app.task(bind=True, base=ThrottledTask, throttle="slow", name="memory.slow")
+    @app.task(bind=True, base=ThrottledTask, throttle="slow", name="memory.slow", shared=False)
     def slow(self: ThrottledTask, n: int) -> int:
         return n
 
