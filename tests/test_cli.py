@@ -278,3 +278,25 @@ def test_global_options_after_the_command(redis_url: str, fleet_prefix: str) -> 
     assert out.returncode == 0 and json.loads(out.stdout)["api"]["burst"] == 5, out.stderr
     bad = run(redis_url, fleet_prefix, "list", "--redis-url", "http://example.com")
     assert bad.returncode == 2 and "--redis-url" in bad.stderr and "not a Redis URL" in bad.stderr
+
+
+def test_celery_throttle_reads_the_apps_settings(redis_url: str, fleet_prefix: str, tmp_path: Path) -> None:
+    """``celery -A proj throttle ...`` (Celery's ``celery.commands`` entry
+    point) finds the buckets' Redis and the prefix in the app's config."""
+    (tmp_path / "proj.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('proj', broker='memory://')\n"
+        f"app.conf.throttle_redis_url = {redis_url!r}\n"
+        f"app.conf.throttle_prefix = {fleet_prefix!r}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THROTTLE_")}
+
+    def celery(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "celery", "-A", "proj", "throttle", *args]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    listed = celery("list", "--json")
+    assert listed.returncode == 0 and set(json.loads(listed.stdout)) == {"api", "tenant"}, listed.stderr
+    assert "Usage: celery throttle" in celery("-h").stdout
+    other = celery("list", "--json", "--prefix", "nothing-here")
+    assert other.returncode == 0 and json.loads(other.stdout) == {}, "options after the command still win"

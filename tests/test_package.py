@@ -39,12 +39,12 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fresh_python(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A new virtualenv with nothing but the built wheel and its dependencies."""
+    """A new virtualenv with nothing but the built wheel, its ``testing`` extra and their dependencies."""
     home = tmp_path_factory.mktemp("venv")
     venv.EnvBuilder(with_pip=True).create(home)
     python = str(home / "bin" / "python")
     (wheel,) = dist.glob("*.whl")
-    installed = _run(python, "-m", "pip", "install", "--disable-pip-version-check", "-q", str(wheel))
+    installed = _run(python, "-m", "pip", "install", "--disable-pip-version-check", "-q", f"{wheel}[testing]")
     assert installed.returncode == 0, installed.stderr[-3000:]
     yield python
 
@@ -77,3 +77,24 @@ def test_a_fresh_venv_runs_the_readme_quickstart(fresh_python: str, redis_url: s
     version = _run(str(Path(fresh_python).parent / "throttle"), "--version")
     assert version.returncode == 0 and "throttle, version" in version.stdout
     run_celery_quickstart(fresh_python, redis_url, tmp_path)
+
+
+@pytest.mark.fleet
+def test_the_testing_extra_brings_the_fixtures(fresh_python: str, tmp_path: Path) -> None:
+    """``pytest --fixtures`` in a project of its own lists throttle's fixtures
+    next to Celery's, and the README's example test passes there."""
+    from tests.test_readme import quickstart
+
+    listed = subprocess.run(
+        [fresh_python, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    names = {line.split(" ", 1)[0] for line in listed.stdout.splitlines()}
+    assert {"throttle_celery_config", "throttle_decisions", "throttle_unthrottled_config"} <= names, listed.stdout
+    assert {"celery_app", "celery_config"} <= names
+    (tmp_path / "test_tasks.py").write_text(quickstart("pytest"))
+    ran = subprocess.run(
+        [fresh_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tasks.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0 and "2 passed" in ran.stdout, ran.stdout[-3000:] + ran.stderr[-2000:]

@@ -89,3 +89,15 @@ def run_celery_quickstart(python: str, redis_url: str, tmp_path: Path) -> None:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         log.close()
+
+
+@pytest.mark.slow
+def test_pytest_example_runs(tmp_path: Path) -> None:
+    """The README's example test file, in a project of its own: throttle's
+    plugin (an entry point of the package) gives its fixtures beside Celery's."""
+    (tmp_path / "test_tasks.py").write_text(quickstart("pytest"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tasks.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]

@@ -61,6 +61,8 @@ class ThrottleSettings:
     redis_options: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_REDIS_OPTIONS))
     metrics: bool = True
     park_after: float | None = DEFAULT_PARK_AFTER
+    #: False: every throttled task runs as a plain task (tests, a staging fleet).
+    enabled: bool = True
 
     @classmethod
     def from_conf(cls, conf: Any) -> ThrottleSettings:
@@ -75,6 +77,7 @@ class ThrottleSettings:
             redis_options=_redis_options(conf.get("throttle_redis_options")),
             metrics=_flag("throttle_metrics", conf.get("throttle_metrics", True)),
             park_after=_park_after(conf.get("throttle_park_after", DEFAULT_PARK_AFTER)),
+            enabled=_flag("throttle_enabled", conf.get("throttle_enabled", True)),
         )
 
 

@@ -95,6 +95,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
         )
         return bound
 
+    def _throttle_on(self) -> bool:
+        """``throttle_enabled`` (default True): False runs throttled tasks as plain ones."""
+        return settings_for(self.app).enabled
+
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         # Producers fail fast too: a cost or key the bucket would refuse is
         # refused before the message is sent.
@@ -111,7 +115,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """The gate: return to run the body, or re-send the task and ``Ignore`` this run."""
         request = self.request
         plan = self._throttle_plan
-        if plan is None or request.is_eager or request.called_directly:
+        if plan is None or request.is_eager or request.called_directly or not self._throttle_on():
             return
         try:
             Gate(self, plan, list(args or ()), dict(kwargs or {})).admit()
@@ -128,7 +132,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """
         request = self.request
         plan = self._throttle_plan
-        if isinstance(exc, RateLimited) and plan is not None and not (request.is_eager or request.called_directly):
+        direct = request.is_eager or request.called_directly
+        if isinstance(exc, RateLimited) and plan is not None and not direct and self._throttle_on():
             call_args = list(request.args if args is None else args)
             call_kwargs = dict(request.kwargs if kwargs is None else kwargs)
             try:
@@ -139,7 +144,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if request.called_directly or request.is_eager or self._throttle_plan is None:
+        if request.called_directly or request.is_eager or self._throttle_plan is None or not self._throttle_on():
             return super().__call__(*args, **kwargs)
         # The worker's tracer already pushed this task's request; calling
         # self.run keeps it (Task.__call__ would push an empty one).
