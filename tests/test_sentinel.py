@@ -112,3 +112,24 @@ def test_bad_sentinel_urls() -> None:
         with pytest.raises(ValueError, match=message) as info:
             client_from_url(url)
         assert "secret" not in str(info.value)
+
+
+def test_a_sentinel_broker_url_finds_the_master() -> None:
+    """kombu's ``sentinel://`` broker URL with ``master_name`` in the transport
+    options: without throttle_redis_url, the buckets use that master."""
+    with RedisServer() as master, sentinel_for(master.port) as sentinel_port:
+        settings = ThrottleSettings.from_conf(
+            {
+                "broker_url": f"sentinel://127.0.0.1:{sentinel_port};sentinel://127.0.0.1:{free_port()}",
+                "broker_transport_options": {"master_name": "mymaster", "socket_timeout": 2.0},
+            }
+        )
+        assert settings.redis_options["socket_timeout"] == 2.0
+        client = client_from_url(settings.redis_url, **settings.redis_options)
+        try:
+            bucket = TokenBucket(client, f"sentinel-{uuid.uuid4().hex[:6]}", rate="1/m", burst=1)
+            assert bucket.consume().allowed and not bucket.consume().allowed
+            with redis.Redis(port=master.port) as on_master:
+                assert on_master.exists(bucket.key) == 1, "the decision was made on the master"
+        finally:
+            close_client(client)

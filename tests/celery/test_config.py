@@ -281,3 +281,37 @@ def test_a_shared_task_in_an_app_without_throttle_settings() -> None:
     assert "eager: 2" in out, "eager runs are never throttled"
     assert "configured: True" in out
     assert "broken: throttle_redis_url is not set" in out, out
+
+
+def test_the_redis_broker_is_used_with_its_own_settings() -> None:
+    """Without throttle_redis_url the buckets live in the Redis broker, reached
+    as Celery reaches it: TLS options, timeouts, a Sentinel master."""
+    settings = ThrottleSettings.from_conf(
+        {
+            "broker_url": "rediss://broker.example:6380/1",
+            "broker_use_ssl": {"ssl_cert_reqs": "required", "ssl_ca_certs": "/etc/ca.pem"},
+            "broker_transport_options": {"socket_timeout": 3.0, "visibility_timeout": 7200, "master_name": "x"},
+            "throttle_redis_options": {"socket_connect_timeout": 1.0},
+        }
+    )
+    assert settings.redis_url == "rediss://broker.example:6380/1"
+    options = settings.redis_options
+    assert options["ssl_ca_certs"] == "/etc/ca.pem" and options["ssl_cert_reqs"] == "required"
+    assert options["socket_timeout"] == 3.0 and options["socket_connect_timeout"] == 1.0
+    assert "visibility_timeout" not in options and "master_name" not in options
+    sentinel = ThrottleSettings.from_conf(
+        {
+            "broker_url": "sentinel://:pw@10.0.0.1:26379;sentinel://:pw@10.0.0.2:26380/2",
+            "broker_transport_options": {"master_name": "mymaster"},
+        }
+    )
+    assert sentinel.redis_url == "redis+sentinel://:pw@10.0.0.1:26379,10.0.0.2:26380/mymaster/2"
+    listed = ThrottleSettings.from_conf(
+        {"broker_url": ["sentinel://10.0.0.1:26379", "sentinel://10.0.0.2:26379"],
+         "broker_transport_options": {"master_name": "m"}}
+    )  # fmt: skip
+    assert listed.redis_url == "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/m/0"
+    with pytest.raises(ValueError, match="master_name"):
+        ThrottleSettings.from_conf({"broker_url": "sentinel://10.0.0.1:26379"})
+    with pytest.raises(ValueError, match="the broker is not Redis"):
+        ThrottleSettings.from_conf({"broker_url": "amqp://guest@localhost//"})

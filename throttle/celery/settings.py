@@ -67,14 +67,15 @@ class ThrottleSettings:
     @classmethod
     def from_conf(cls, conf: Any) -> ThrottleSettings:
         """Read and check every ``throttle_*`` setting of a Celery ``app.conf``."""
+        url, carried = _redis_url(conf)
         return cls(
-            redis_url=_redis_url(conf),
+            redis_url=url,
             prefix=_prefix(conf.get("throttle_prefix", "throttle")),
             limits=parse_limits(conf.get("throttle_limits") or {}),
             on_backend_error=_policy(conf.get("throttle_on_backend_error", "defer")),
             max_defer=_seconds("throttle_max_defer", conf.get("throttle_max_defer", DEFAULT_MAX_DEFER)),
             max_countdown=_max_countdown(conf),
-            redis_options=_redis_options(conf.get("throttle_redis_options")),
+            redis_options=_redis_options(conf.get("throttle_redis_options"), carried),
             metrics=_flag("throttle_metrics", conf.get("throttle_metrics", True)),
             park_after=_park_after(conf.get("throttle_park_after", DEFAULT_PARK_AFTER)),
             enabled=_flag("throttle_enabled", conf.get("throttle_enabled", True)),
@@ -118,15 +119,66 @@ def parse_limits(value: object) -> dict[str, NamedLimit]:
     return limits
 
 
-def _redis_url(conf: Any) -> str:
+#: Options of Celery's Redis broker (``broker_transport_options``) that mean
+#: the same for the buckets' client; ``throttle_redis_options`` still wins.
+_CARRIED_TRANSPORT_OPTIONS = (
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "socket_keepalive_options",
+    "health_check_interval", "retry_on_timeout", "username", "password",
+)  # fmt: skip
+
+
+def _redis_url(conf: Any) -> tuple[str, dict[str, Any]]:
+    """The buckets' Redis: ``throttle_redis_url``, else the Redis broker with
+    the broker's own connection settings (TLS, timeouts, Sentinel master)."""
     url = conf.get("throttle_redis_url")
     if url is None:
-        broker = conf.get("broker_url") or ""
-        if isinstance(broker, str) and broker.startswith(SINGLE):
-            return broker
+        return _from_broker(conf)
+    return _checked_url(url), {}
+
+
+def _from_broker(conf: Any) -> tuple[str, dict[str, Any]]:
+    broker = conf.get("broker_url") or ""
+    if isinstance(broker, (list, tuple)):
+        broker = ";".join(str(b) for b in broker)
+    if not isinstance(broker, str) or not broker.startswith((*SINGLE, "sentinel://", "sentinels://")):
         raise ValueError(
             "throttle_redis_url is not set and the broker is not Redis: set throttle_redis_url = 'redis://host:6379/0'"
         )
+    transport = conf.get("broker_transport_options") or {}
+    carried = {k: transport[k] for k in _CARRIED_TRANSPORT_OPTIONS if k in transport}
+    ssl = conf.get("broker_use_ssl")
+    if isinstance(ssl, Mapping):
+        carried.update({k: v for k, v in ssl.items() if k.startswith("ssl_")})
+    if broker.startswith(SINGLE):
+        return broker, carried
+    return _sentinel_url(broker, transport), carried
+
+
+def _sentinel_url(broker: str, transport: Mapping[str, Any]) -> str:
+    """kombu's ``sentinel://h1:26379;sentinel://h2:26379/0`` + ``master_name`` -> ``redis+sentinel://...``."""
+    master = transport.get("master_name")
+    if not isinstance(master, str) or not master:
+        raise ValueError(
+            "the broker is a Redis Sentinel but broker_transport_options has no 'master_name': "
+            "set it, or set throttle_redis_url = 'redis+sentinel://host:26379/<master>'"
+        )
+    hosts, userinfo, db = [], "", "0"
+    for part in broker.split(";"):
+        rest = part.strip().partition("://")[2]
+        if not rest:
+            continue
+        authority, _, path = rest.partition("/")
+        who, at, host = authority.rpartition("@")
+        if at and not userinfo:
+            userinfo = who + "@"
+        hosts.append(host)
+        if path.strip("/"):
+            db = path.strip("/")
+    tls = "s" if broker.startswith("sentinels://") else ""
+    return _checked_url(f"redis{tls}+sentinel://{userinfo}{','.join(hosts)}/{master}/{db}")
+
+
+def _checked_url(url: object) -> str:
     if not isinstance(url, str) or not url.startswith(SCHEMES):
         raise ValueError(f"throttle_redis_url must start with one of {', '.join(SCHEMES)}; got {redact(url)!r}")
     if redact(url) != url:
@@ -187,8 +239,9 @@ def _max_countdown(conf: Any) -> float:
     return value
 
 
-def _redis_options(value: object) -> dict[str, Any]:
-    options = dict(DEFAULT_REDIS_OPTIONS)
+def _redis_options(value: object, carried: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then what the broker's settings carried over, then ``throttle_redis_options``."""
+    options = {**DEFAULT_REDIS_OPTIONS, **(carried or {})}
     if value is None:
         return options
     if not isinstance(value, Mapping):
