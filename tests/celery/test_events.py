@@ -73,9 +73,14 @@ def test_a_waiting_task_is_deferred_not_started_in_events_and_results(
     monitor = Monitor(app).start()
     try:
         ids = fleet.send("fleet.tracked", [(i,) for i in range(6)])  # 2/s, burst 1: the last waits ~2.5 s
-        time.sleep(1.0)
-        waiting = app.AsyncResult(ids[-1])
-        assert waiting.state == STATE_DEFERRED, "the stored state of a waiting task with track_started"
+        # A task the worker has deferred and not yet run says so in its
+        # stored state (the worker takes the tasks in as its prefetch allows).
+        waiting = None
+        deadline = time.monotonic() + 10
+        while waiting is None and time.monotonic() < deadline:
+            waiting = next((r for r in map(app.AsyncResult, ids) if r.state == STATE_DEFERRED), None)
+            time.sleep(0.05)
+        assert waiting is not None, "the stored state of a waiting task with track_started"
         assert waiting.info["reason"] == "empty" and waiting.info["wait"] > 0
         results = [app.AsyncResult(i).get(timeout=30) for i in ids]
         assert results == list(range(6))
