@@ -221,15 +221,7 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
 
     console = Console()
     console.print(_limits_table({name: status}))
-    for field in (
-        "configured",
-        "override",
-        "bucket",
-        "next_token_in",
-        "full_in",
-        "last_release_in",
-        "oldest_parked_for",
-    ):
+    for field in _INSPECT_FIELDS:
         if info.get(field) is not None:
             console.print(f"{field}: {info[field]}")
     console.print("counters: " + ", ".join(f"{k} {v:g}" for k, v in info["metrics"].items()))

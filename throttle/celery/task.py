@@ -117,10 +117,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         plan = self._throttle_plan
         if plan is None or request.is_eager or request.called_directly or not self._throttle_on():
             return
-        try:
-            Gate(self, plan, list(args or ()), dict(kwargs or {})).admit()
-        except Deferred as deferred:
-            raise _shallow(deferred) from None
+        _deciding(Gate(self, plan, list(args or ()), dict(kwargs or {})).admit)
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, *rest: Any, **options: Any) -> Any:
         """Celery's ``retry``; a ``RateLimited`` ``exc`` pauses the fleet instead.
@@ -136,10 +133,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if isinstance(exc, RateLimited) and plan is not None and not direct and self._throttle_on():
             call_args = list(request.args if args is None else args)
             call_kwargs = dict(request.kwargs if kwargs is None else kwargs)
-            try:
-                Gate(self, plan, call_args, call_kwargs).rate_limited(exc)
-            except Deferred as deferred:
-                raise _shallow(deferred) from None
+            _deciding(Gate(self, plan, call_args, call_kwargs).rate_limited, exc)
         return super().retry(args, kwargs, exc, *rest, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -151,10 +145,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         try:
             return self.run(*args, **kwargs)
         except RateLimited as exc:
-            try:
-                Gate(self, self._throttle_plan, list(args), dict(kwargs)).rate_limited(exc)
-            except Deferred as deferred:
-                raise _shallow(deferred) from None
+            _deciding(Gate(self, self._throttle_plan, list(args), dict(kwargs)).rate_limited, exc)
             raise  # only shadow limits: the error is the task's
 
 
@@ -168,8 +159,8 @@ def _configures_throttle(app: Celery) -> bool:
     return any(str(key).startswith("throttle_") for key in app.conf)
 
 
-def _shallow(deferred: Deferred) -> Deferred:
-    """``deferred`` without the gate's frames in its traceback.
+def _deciding(decide: Callable[..., None], *args: Any) -> None:
+    """Run one of the gate's decisions; a deferral leaves without the gate's frames in its traceback.
 
     Celery turns the ``Ignore`` of every deferral into two picklable
     tracebacks (billiard's ``ExceptionInfo``: each frame's code positions,
@@ -177,8 +168,11 @@ def _shallow(deferred: Deferred) -> Deferred:
     a deferral is routine, not an error, and its traceback is never read.
     Measured with Celery's tracer: 0.94 -> 0.76 ms per deferral.
     """
-    deferred.__traceback__ = None
-    return deferred
+    try:
+        decide(*args)
+    except Deferred as deferred:
+        deferred.__traceback__ = None
+        raise deferred from None
 
 
 def _free_deferral(retval: Any = None, **_: Any) -> None:
