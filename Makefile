@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck clean
+.PHONY: test test-lowest demo bench lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,6 +26,18 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The quick suite against the lowest celery, kombu and redis-py that
+# pyproject.toml claims (.ci/lowest.txt), in a virtualenv of its own.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml .ci/lowest.txt
+	@test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" -c .ci/lowest.txt
+	@touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(celery|kombu|redis) '
+	$(LOWEST)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	$(BIN)/python -m producer.demo $(DEMO_ARGS)
 
@@ -38,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.backlog $(BACKLOG_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) build *.egg-info .mypy_cache .ruff_cache

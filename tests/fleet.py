@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,19 @@ def broker_available(url: str) -> bool:
         return False
 
 
+@contextmanager
+def publishing(app: Any) -> Iterator[Any]:
+    """A producer on a broker connection of its own, closed on exit.
+
+    ``app.producer_or_acquire()`` takes its connection from kombu's pools,
+    which are global to the process and keyed by broker URL: the socket
+    outlives the app (``app.close()`` does not reach it) and is reported as
+    an unclosed socket (``ResourceWarning``) when it is finally collected.
+    """
+    with app.connection_for_write() as conn:
+        yield app.amqp.Producer(conn)
+
+
 @dataclass
 class Fleet:
     """K worker processes of ``tests.fleet_app`` on a queue of their own."""
@@ -58,6 +72,9 @@ class Fleet:
     queue: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:8]}")
     record_key: str = field(default_factory=lambda: f"fleet:{uuid.uuid4().hex[:8]}")
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: Producer apps handed out, closed at stop: an app's pooled broker
+    #: connection left to the GC is an unclosed socket (a ResourceWarning).
+    apps: list[Any] = field(default_factory=list)
     #: The Celery app the workers run: the test app, or the reference worker.
     app_module: str = "tests.fleet_app"
     log_dir: Path | None = None
@@ -79,16 +96,14 @@ class Fleet:
         app = Celery("throttle-fleet-producer", broker=self.broker_url)
         app.conf.task_default_queue = self.queue
         app.conf.broker_connection_retry_on_startup = True
+        self.apps.append(app)
         return app
 
     def send(self, name: str, calls: list[tuple[Any, ...]]) -> list[str]:
         """Send one task ``name(*args)`` per entry of ``calls``; their ids."""
         app = self.producer()
-        ids = []
-        with app.producer_or_acquire() as producer:
-            for args in calls:
-                ids.append(app.send_task(name, args=args, queue=self.queue, producer=producer).id)
-        return ids
+        with publishing(app) as producer:
+            return [app.send_task(name, args=args, queue=self.queue, producer=producer).id for args in calls]
 
     def start(self, timeout: float = 60.0) -> Fleet:
         self.log_dir = Path(os.environ.get("FLEET_LOG_DIR", "/tmp")) / f"throttle-{self.queue}"
@@ -143,14 +158,16 @@ class Fleet:
         """Warm shutdown (SIGTERM) of each worker's process group, then SIGKILL."""
         stop_groups(self.processes, timeout)
         self.processes.clear()
+        while self.apps:
+            self.apps.pop().close()
 
     def records(self) -> list[dict[str, Any]]:
-        rec = redis.Redis.from_url(self.record_url)
-        return [json.loads(x) for x in rec.lrange(self.record_key, 0, -1)]
+        with redis.Redis.from_url(self.record_url) as rec:
+            return [json.loads(x) for x in rec.lrange(self.record_key, 0, -1)]
 
     def counts(self, what: str) -> dict[str, int]:
-        rec = redis.Redis.from_url(self.record_url)
-        raw: dict[bytes, bytes] = rec.hgetall(f"{self.record_key}:{what}")  # type: ignore[assignment]
+        with redis.Redis.from_url(self.record_url) as rec:
+            raw: dict[bytes, bytes] = rec.hgetall(f"{self.record_key}:{what}")
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def wait_for_records(self, count: int, timeout: float) -> list[dict[str, Any]]:
@@ -172,3 +189,5 @@ class Fleet:
                 conn.default_channel.queue_purge(self.queue)
         except Exception:
             pass
+        finally:
+            app.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.fleet import ROOT
+from tests.fleet import ROOT, publishing
 from throttle.testing.processes import Children
 from throttle.testing.redis_server import RedisServer
 from throttle.testing.windows import peak_in_window
@@ -138,7 +138,7 @@ def test_hosts_with_shifted_clocks_hold_the_limit(hosts: Hosts | None, tmp_path:
         from celery import Celery
 
         producer = Celery("hosts-producer", broker=server.url)
-        with producer.producer_or_acquire() as publisher:
+        with publishing(producer) as publisher:
             ids = [producer.send_task("fleet.work", args=(i,), queue=queue, producer=publisher).id for i in range(150)]
         # Most runs finish in ~20 s.  A task can bounce: Celery's countdown
         # becomes an ETA on the deferring host's clock, read on the consuming

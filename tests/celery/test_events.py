@@ -87,11 +87,12 @@ def test_a_waiting_task_is_deferred_not_started_in_events_and_results(
         time.sleep(1.0)  # the last events on their way
     finally:
         monitor.stop()
+        app.close()
     deferred = [i for i in ids if any(kind == EVENT_DEFERRED for kind, _ in monitor.seen[i])]
     assert len(deferred) >= 4, f"at 2/s with a burst of 1, most of 6 tasks wait: {dict(monitor.seen)}"
     assert sum(fleet.counts("deferred").values()) == sum(
         kind == EVENT_DEFERRED for i in ids for kind, _ in monitor.seen[i]
-    ), "one task-deferred event per deferral"
+    ), f"one task-deferred event per deferral: {dict(monitor.seen)}"
     for task_id in deferred:
         states = monitor.seen[task_id]
         first = next(n for n, (kind, _) in enumerate(states) if kind == EVENT_DEFERRED)

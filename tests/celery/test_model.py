@@ -35,7 +35,7 @@ import pytest
 import redis
 
 from tests.celery.conftest import broker
-from tests.fleet import Fleet
+from tests.fleet import Fleet, publishing
 from throttle.celery import EPSILON_S, SPIN_S
 from throttle.cli import main as throttle_cli
 from throttle.live import LiveLimits
@@ -126,7 +126,7 @@ def run_program(fleet: Fleet, program: Program, redis_url: str) -> Limits:
     def send() -> None:
         try:
             app = fleet.producer()
-            with app.producer_or_acquire() as producer:
+            with publishing(app) as producer:
                 for at, name, args in program.sends:
                     time.sleep(max(0.0, at - (time.monotonic() - started)))
                     app.send_task(name, args=args, queue=fleet.queue, producer=producer)

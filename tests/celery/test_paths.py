@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.celery.conftest import broker
-from tests.fleet import Fleet
+from tests.fleet import Fleet, publishing
 from throttle.celery import EPSILON_S, HEADER_DEFERRALS, HEADER_RETRIES, HEADER_SINCE, HEADER_SLOT, HEADER_VERSIONS
 from throttle.keys import BucketKeys
 from throttle.live import LiveLimits
@@ -225,7 +225,7 @@ def test_forged_slot_headers_buy_nothing(fleet_factory: Any) -> None:
         HEADER_VERSIONS: "0",
         HEADER_RETRIES: 0,
     }
-    with app.producer_or_acquire() as producer:
+    with publishing(app) as producer:
         for i in range(10):
             app.send_task("fleet.paths", args=(i, ["ok"]), queue=fleet.queue, producer=producer, headers=forged)
     time.sleep(4)
@@ -262,7 +262,7 @@ def test_first_deferral_stamped_by_a_clock_ahead(fleet_factory: Any) -> None:
     )  # fmt: skip
     app = fleet.producer()
     ahead = {HEADER_DEFERRALS: 1, HEADER_SINCE: time.time() + 5, HEADER_RETRIES: 0}
-    with app.producer_or_acquire() as producer:
+    with publishing(app) as producer:
         for i in range(5):
             app.send_task("fleet.paths", args=(i, ["ok"]), queue=fleet.queue, producer=producer, headers=ahead)
     assert len(wait_finished(fleet, 5, 30)) == 5
@@ -286,7 +286,8 @@ def test_errors_reach_the_caller_whole(fleet_factory: Any, redis_url: str, seria
     app.conf.result_backend = redis_url
     app.conf.result_accept_content = ["json", "pickle"]
     app.conf.result_serializer = serializer
-    result = app.send_task("fleet.paths", args=(0, ["ok"]), queue=fleet.queue)
+    with publishing(app) as producer:
+        result = app.send_task("fleet.paths", args=(0, ["ok"]), queue=fleet.queue, producer=producer)
     with pytest.raises(BackendUnavailable) as info:
         result.get(timeout=30)
     assert "live limits" in str(info.value) and "Connection" in str(info.value)

@@ -23,7 +23,7 @@ from celery import Celery
 
 from tests.celery.conftest import broker
 from tests.celery.test_paths import wait_finished
-from tests.fleet import Fleet
+from tests.fleet import Fleet, publishing
 from throttle.celery import EPSILON_S
 from throttle.celery.release import Releaser
 from throttle.live import LiveLimits
@@ -148,7 +148,7 @@ def test_a_release_published_twice_runs_once(fleet_factory: Any, redis_url: str)
     # The dying releaser: claims what is due within a minute, for 1 s, publishes, never acknowledges.
     claim = room.claim("paths", ahead=60.0, hold=1.0, limit=100)
     assert len(claim.parked) >= 10
-    with app.producer_or_acquire() as producer:
+    with publishing(app) as producer:
         for parked in claim.parked:
             assert releaser.publish("paths", parked, claim.now, producer)
     done = finished(fleet, 30, timeout=60)
@@ -159,5 +159,6 @@ def test_a_release_published_twice_runs_once(fleet_factory: Any, redis_url: str)
         duplicates = read_metrics(client, prefix, ["paths"])["paths"].get("duplicates", 0)
     finally:
         client.close()
+        app.close()
     assert sum(done.values()) == 30 and max(done.values()) == 1, "each task exactly once"
     assert duplicates == len(claim.parked), "every second copy was dropped by the gate"
