@@ -126,6 +126,18 @@ def test_no_room_drops_out_of_the_index(r: redis.Redis, prefix: str) -> None:
     assert score is not None and abs(score / 1e6 - (now + 5)) < 0.001
 
 
+def test_one_limits_rooms_are_found_among_many(r: redis.Redis, prefix: str) -> None:
+    """``rooms(limit)``: its own room and its tenants', none of another limit's (``api2``, ``apix:1``)."""
+    room = WaitingRoom(r, prefix)
+    now = redis_now(r)
+    names = ["api", "api:acme", "api:b:c", "api2", "apix:1", *(f"mail:{i}" for i in range(3000))]
+    for i, name in enumerate(names):
+        room.park(name, f"t{i}", now + 60, b"m", version=0)
+    assert room.rooms("api") == ["api", "api:acme", "api:b:c"]
+    assert room.rooms("api2") == ["api2"] and room.rooms("nothing") == []
+    assert len(room.rooms("mail")) == 3000 and len(room.rooms()) == len(names)
+
+
 def test_first_arrival_tells_a_second_copy_from_a_redelivery(r: redis.Redis, prefix: str) -> None:
     room = WaitingRoom(r, prefix)
     assert room.first_arrival("api", "t1", "copy-a", remember=60)
