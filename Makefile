@@ -43,11 +43,12 @@ demo: $(STAMP)
 
 # The bucket against its peers, then how it scales (processes, cluster,
 # batching, the Celery gate, memory for 1,000,000 tenants), then a backlog
-# of 100,000 tasks: countdowns vs the waiting room.
+# of 100,000 tasks: countdowns vs the waiting room; then the semaphore.
 bench: $(STAMP)
 	$(BIN)/python -m bench.bucket $(BENCH_ARGS)
 	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 	$(BIN)/python -m bench.backlog $(BACKLOG_ARGS)
+	$(BIN)/python -m bench.semaphore $(SEMAPHORE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info .mypy_cache .ruff_cache

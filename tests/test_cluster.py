@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 from bench.hammer import hammer
 from bench.limiters import throttle_bucket
 from tests.fleet import SYSTEM_REDIS_BROKER, Fleet, broker_available
-from throttle import AsyncMultiBucket, AsyncTokenBucket, MultiBucket, TokenBucket
+from throttle import AsyncMultiBucket, AsyncSemaphore, AsyncTokenBucket, MultiBucket, Semaphore, TokenBucket
 from throttle.connect import client_from_url
 from throttle.keys import BucketKeys
 from throttle.testing.cluster import EmbeddedCluster
@@ -169,6 +169,31 @@ def test_asyncio_cluster_client(cluster: EmbeddedCluster, tag: str) -> None:
     grants, first, second = asyncio.run(run())
     assert grants == [True, True, False]
     assert first and not second
+
+
+def test_semaphores_on_a_cluster(cluster: EmbeddedCluster, rc: RedisCluster, tag: str) -> None:
+    """A semaphore's two keys share its name's slot (no CROSSSLOT); names spread over the shards."""
+    sems = [Semaphore(rc, f"s{i}-{tag}", 2, expiry=5) for i in range(12)]
+    for sem in sems:
+        a, b = sem.try_acquire(description="one"), sem.try_acquire()
+        assert a is not None and b is not None and sem.try_acquire() is None
+        assert next(h.description for h in sem.holders()) == "one"
+        assert a.release() and sem.held() == 1
+    nodes = {rc.get_node_from_key(sem.keys.holders).name for sem in sems}  # type: ignore[no-untyped-call]
+    assert len(nodes) >= 2, "12 names on one shard"
+
+    async def run() -> int:
+        client = AsyncRedisCluster(host="127.0.0.1", port=cluster.servers[0].port)
+        try:
+            sem = AsyncSemaphore(client, f"async-{tag}", 1, expiry=5)
+            async with await sem.acquire(timeout=1):
+                assert await sem.try_acquire() is None
+                assert len(await sem.holders()) == 1
+            return await sem.held()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) == 0
 
 
 @pytest.mark.slow

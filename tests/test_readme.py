@@ -23,9 +23,10 @@ def quickstart(name: str) -> str:
     return match.group(1)
 
 
-def test_bucket_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
-    script = tmp_path / "quickstart.py"
-    script.write_text(quickstart("bucket"))
+def run_quickstart(name: str, redis_url: str, tmp_path: Path) -> str:
+    """Run README block ``name`` as a script against ``redis_url``; its output."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(quickstart(name))
     result = subprocess.run(
         [sys.executable, str(script)],
         env={"REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
@@ -35,8 +36,19 @@ def test_bucket_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "call the API; 4 tokens left" in result.stdout
-    assert "my slot is in" in result.stdout
+    return result.stdout
+
+
+def test_bucket_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
+    out = run_quickstart("bucket", redis_url, tmp_path)
+    assert "call the API; 4 tokens left" in out
+    assert "my slot is in" in out
+
+
+def test_semaphore_quickstart_runs(redis_url: str, tmp_path: Path) -> None:
+    out = run_quickstart("semaphore", redis_url, tmp_path)
+    assert "in flight: 1" in out
+    assert "got " in out
 
 
 def test_original_example_names_exist() -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "ReservationRefused",
     "RateLimited",
     "ThrottleDeferralExpired",
+    "LeaseUnavailable",
 ]
 
 
@@ -102,6 +103,18 @@ class Contention(ThrottleError):
 
     def __str__(self) -> str:
         return f"bucket {self.key!r} still contended after {self.attempts} WATCH attempts"
+
+
+@dataclass(eq=False)
+class LeaseUnavailable(ThrottleError):
+    """``Semaphore.acquire(timeout=...)`` found every lease held until its timeout."""
+
+    name: str
+    capacity: int
+    timeout: float
+
+    def __str__(self) -> str:
+        return f"all {self.capacity} leases of {self.name!r} still held after {self.timeout:g}s"
 
 
 class ThrottleDeferralExpired(ThrottleError):

@@ -35,6 +35,7 @@ __all__ = [
     "has_hash_tag",
     "LiveKeys",
     "RoomKeys",
+    "LeaseKeys",
     "rooms_key",
     "room_of",
     "room_of_bucket",
@@ -165,6 +166,23 @@ class RoomKeys:
         self.since = own_key(prefix, "room", tag, "s")
         #: prefix of the markers that tell a released message from a second copy of it.
         self.released = own_key(prefix, "room", tag, "r") + ":"
+
+
+class LeaseKeys:
+    """One concurrency limit's leases (see ``throttle.semaphore``), in its name's cluster slot.
+
+    The slot is the one of the bucket of the same name (``<prefix>:{name}``),
+    so a rate and a concurrency limit of one name can be decided by one
+    script on Redis Cluster.
+    """
+
+    def __init__(self, prefix: str, name: str) -> None:
+        tail = _tagged(name.encode())
+        pre = prefix.encode()
+        #: zset: lease id -> when it expires unless renewed, Redis time in us.
+        self.holders = _own_twin(pre, b"lease", tail).decode()
+        #: hash: lease id -> "<acquired at, Redis us> <description of the holder>".
+        self.about = self.holders + ":h"
 
 
 def rooms_key(prefix: str) -> str:

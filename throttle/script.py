@@ -10,6 +10,7 @@ linted and diffed as Lua:
 - ``live_state.lua``: the clock and the live-limit hashes.
 - ``live_change.lua``: one live change of one limit, one at a time.
 - ``room_*.lua``: the waiting room (park, claim, acknowledge, re-plan, arrival).
+- ``lease.lua``: a concurrency limit's leases (acquire, renew, release, status).
 
 Clients register a script with ``register_script``: redis-py sends EVALSHA
 and reloads the source by itself when the server answers NOSCRIPT (after
@@ -39,6 +40,7 @@ ScriptName = Literal[
     "room_ack",
     "room_replan",
     "room_arrival",
+    "lease",
 ]
 
 #: Integers in one decision's reply from ``gcra.lua``.
