@@ -24,6 +24,7 @@ import redis.asyncio
 
 from throttle import AsyncSemaphore, BackendUnavailable, LeaseUnavailable, Semaphore
 from throttle.keys import LeaseKeys
+from throttle.semaphore import _WAITER_STAY_S, HANDOVER_HOLD_S, POLL_MAX_S, LeaseMode
 from throttle.testing.redis_server import RedisServer
 
 
@@ -155,9 +156,102 @@ def test_acquire_waits_for_a_release_and_times_out(r: redis.Redis, prefix: str) 
     started = time.monotonic()
     waited = sem.acquire(timeout=5)
     elapsed = time.monotonic() - started
-    # Polls back off to POLL_MAX_S (0.25 s): the release is seen within one poll.
-    assert 0.3 <= elapsed < 0.3 + 0.25 + 0.2, f"took the lease {elapsed:.2f}s after asking"
+    # Handed over and woken by the release itself, not found by a poll (POLL_MAX_S is 1 s).
+    assert 0.3 <= elapsed < 0.3 + 0.2, f"took the lease {elapsed:.2f}s after asking"
+    assert not r.exists(sem.keys.wake(waited.id)), "the wake-up was taken"
     waited.release()
+
+
+def test_waiters_are_handed_the_lease_in_the_order_they_came(r: redis.Redis, prefix: str) -> None:
+    sem = Semaphore(r, "api", 1, expiry=30, prefix=prefix)
+    first = sem.try_acquire()
+    assert first is not None
+    order: list[int] = []
+
+    def wait(n: int) -> None:
+        with sem.acquire(timeout=30):
+            order.append(n)
+            time.sleep(0.05)
+
+    threads = []
+    for n in range(4):
+        threads.append(threading.Thread(target=wait, args=(n,)))
+        threads[-1].start()
+        time.sleep(0.1)  # each joins the queue before the next
+    assert sem.try_acquire() is None, "no one jumps the queue"
+    first.release()
+    for thread in threads:
+        thread.join(30)
+    assert order == [0, 1, 2, 3]
+    keys = sem.keys
+    assert not r.exists(keys.holders, keys.about, keys.queue, keys.waiters, keys.payloads), "nothing left"
+
+
+def test_a_lease_freed_by_expiry_goes_to_the_first_waiter(r: redis.Redis, prefix: str) -> None:
+    """A holder that died (its lease expires): the next call of anyone hands it to the queue's first."""
+    sem = Semaphore(r, "api", 1, expiry=0.3, prefix=prefix)
+    dead = sem.try_acquire()  # never renewed, never released
+    assert dead is not None
+    got: list[float] = []
+    waiter = threading.Thread(target=lambda: got.append(time.monotonic()) if sem.acquire(timeout=10) else None)
+    waiter.start()
+    time.sleep(0.5)  # the dead lease has expired; the waiter is blocked
+    asked = time.monotonic()
+    assert sem.try_acquire() is None, "the freed lease is the waiter's, not a newcomer's"
+    waiter.join(10)
+    assert got and got[0] - asked < 0.2, "woken by the newcomer's call, which handed the lease over"
+
+
+def test_a_lost_wake_up_costs_at_most_one_poll(r: redis.Redis, prefix: str) -> None:
+    """The process that handed a lease over died before waking the waiter: it looks again within POLL_MAX_S."""
+    sem = Semaphore(r, "api", 1, expiry=30, prefix=prefix)
+    holder = sem.try_acquire()
+    assert holder is not None
+    got: list[float] = []
+    waiter = threading.Thread(target=lambda: got.append(time.monotonic()) if sem.acquire(timeout=10) else None)
+    waiter.start()
+    time.sleep(0.2)
+    # Release with the script alone, as a releaser killed before its wake-up pipeline would.
+    sem._script(keys=sem._key_list, args=sem._args(LeaseMode.RELEASE, holder.id))
+    released = time.monotonic()
+    waiter.join(10)
+    assert got and got[0] - released <= POLL_MAX_S + 0.3
+
+
+def test_a_killed_waiter_leaves_the_queue(redis_url: str, r: redis.Redis, prefix: str) -> None:
+    """A waiter SIGKILLed in the queue: the lease goes to the next waiter within
+    the waiter's stay plus the hand-over hold (it may have been handed the lease)."""
+    sem = Semaphore(r, "api", 1, expiry=30, prefix=prefix)
+    holder = sem.try_acquire()
+    assert holder is not None
+    code = (
+        "import redis\n"
+        "from throttle import Semaphore\n"
+        f"sem = Semaphore(redis.Redis.from_url({redis_url!r}), 'api', 1, expiry=30, prefix={prefix!r})\n"
+        "print('waiting', flush=True)\n"
+        "sem.acquire(timeout=600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"waiting"
+        deadline = time.monotonic() + 10
+        while not r.zcard(sem.keys.queue) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        got: list[float] = []
+        waiter = threading.Thread(target=lambda: got.append(time.monotonic()) if sem.acquire(timeout=30) else None)
+        waiter.start()
+        time.sleep(0.1)
+        holder.release()  # handed to the dead waiter (first in the queue) or, if it left already, to ours
+        waiter.join(30)
+        bound = _WAITER_STAY_S + HANDOVER_HOLD_S + 0.5
+        assert got and got[0] - killed <= bound, f"{got[0] - killed:.2f}s after the kill (bound {bound}s)"
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
 
 
 def test_holders_say_who_and_since_when(r: redis.Redis, prefix: str) -> None:

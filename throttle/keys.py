@@ -183,6 +183,17 @@ class LeaseKeys:
         self.holders = _own_twin(pre, b"lease", tail).decode()
         #: hash: lease id -> "<acquired at, Redis us> <description of the holder>".
         self.about = self.holders + ":h"
+        #: zset: waiter -> when it joined the queue, Redis us (first come, first served).
+        self.queue = self.holders + ":q"
+        #: zset: waiter -> when it stops waiting unless it says so again, Redis us.
+        self.waiters = self.holders + ":d"
+        #: hash: waiter -> what is handed back with its lease (a message to publish, say).
+        self.payloads = self.holders + ":p"
+        self._wake = self.holders + ":w:"
+
+    def wake(self, lease_id: str) -> str:
+        """The list a waiter blocks on (BLPOP) until it is handed a lease."""
+        return self._wake + lease_id
 
 
 def rooms_key(prefix: str) -> str:

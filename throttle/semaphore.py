@@ -15,10 +15,12 @@ One call (one round trip, ``lua/lease.lua``) acquires, renews or releases;
 each call also removes leases that have expired, so no sweeper is needed.
 ``AsyncSemaphore`` is the same for ``redis.asyncio``.
 
-A lease is granted when fewer than ``capacity`` are held; there is no queue,
-so ``acquire(timeout=...)`` polls, at most every ``POLL_MAX_S`` (sooner when
-the earliest lease will expire sooner).  Fairness among waiters is not
-promised: the Celery gate books its tasks' places itself.
+``acquire(timeout=...)`` does not poll: the caller joins a queue in Redis
+and blocks (BLPOP) on a list of its own; whoever frees a lease (a release,
+or any call that finds a lease expired) hands it to the queue's first
+waiter in the same script call and wakes it.  First come, first served.
+A waiter that dies leaves the queue within ``_WAITER_STAY_S``; a lease handed
+to it is taken back after ``HANDOVER_HOLD_S``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import asyncio
 import logging
 import math
 import os
-import random
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,6 +63,7 @@ __all__ = [
     "MAX_CAPACITY",
     "MAX_EXPIRY_S",
     "POLL_MAX_S",
+    "HANDOVER_HOLD_S",
 ]
 
 logger = logging.getLogger("throttle")
@@ -71,10 +74,21 @@ MAX_CAPACITY = 1_000_000
 #: A lease that is not renewed for a day is a leak, not a long call.
 MAX_EXPIRY_S = 86_400.0
 
-#: ``acquire(timeout=...)`` looks again at least this often.
-POLL_MAX_S = 0.25
+#: A waiter blocked in ``acquire`` looks again at least this often, in case
+#: its wake-up was lost (the process that handed it the lease died first).
+POLL_MAX_S = 1.0
 
-_POLL_MIN_S = 0.005
+#: A waiter that does not look again within this (it died) leaves the queue.
+_WAITER_STAY_S = POLL_MAX_S + 1.0
+
+#: A lease handed to a waiter is kept for it this long; a waiter takes it up
+#: within POLL_MAX_S even when its wake-up is lost, so only a dead waiter's
+#: lease waits this long before it goes to the next.
+HANDOVER_HOLD_S = POLL_MAX_S + 2.0
+
+#: How long a wake-up waits in Redis for its waiter (who takes it at once).
+_WAKE_TTL_MS = 10_000
+
 _T = TypeVar("_T")
 
 
@@ -85,6 +99,8 @@ class LeaseMode(IntEnum):
     ACQUIRE = 1
     RENEW = 2
     RELEASE = 3
+    WAIT = 4
+    LEAVE = 5
 
 
 @dataclass(frozen=True)
@@ -96,11 +112,24 @@ class LeaseReply:
     wait: float  #: acquire refused: seconds until the earliest lease expires unless renewed
     server_time: float  #: Redis time of the call, seconds
     reclaimed: int  #: expired leases this call removed (holders that died or froze)
+    queued: int = 0  #: waiters in the queue after the call
+    #: (waiter, payload) this call handed a lease to: the caller wakes them.
+    handed: tuple[tuple[str, bytes], ...] = ()
 
     @classmethod
     def parse(cls, reply: Any) -> LeaseReply:
-        granted, held, wait_us, now_us, reclaimed = (int(x) for x in reply)
-        return cls(granted == 1, held, max(0, wait_us) / US_PER_S, now_us / US_PER_S, reclaimed)
+        granted, held, wait_us, now_us, reclaimed, queued = (int(x) for x in reply[:6])
+        rest = reply[6:]
+        handed = tuple((_text(rest[i]), _raw(rest[i + 1])) for i in range(0, len(rest), 2))
+        return cls(granted == 1, held, max(0, wait_us) / US_PER_S, now_us / US_PER_S, reclaimed, queued, handed)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _raw(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 @dataclass(frozen=True)
@@ -160,11 +189,21 @@ class _SemaphoreCore:
         self.keys = LeaseKeys(self.prefix, self.name)
         self._redis = client
         self._script = register(client, "lease")
-        self._key_list = [self.keys.holders, self.keys.about]
+        self._key_list = [self.keys.holders, self.keys.about, self.keys.queue, self.keys.waiters, self.keys.payloads]
 
-    def _args(self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "") -> list[Any]:
+    def _args(
+        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
+    ) -> list[Any]:
         expiry_us = seconds_to_us(self.expiry if expiry is None else expiry)
-        return [int(mode), lease_id, self.capacity, expiry_us, about]
+        hold_us = seconds_to_us(HANDOVER_HOLD_S)
+        return [int(mode), lease_id, self.capacity, expiry_us, about, seconds_to_us(stay), "", hold_us]
+
+    def _wakes(self, pipe: Any, reply: LeaseReply) -> bool:
+        """Queue the wake-ups of the waiters ``reply`` handed a lease to; whether there were any."""
+        for waiter, _ in reply.handed:
+            pipe.rpush(self.keys.wake(waiter), 1)
+            pipe.pexpire(self.keys.wake(waiter), _WAKE_TTL_MS)
+        return bool(reply.handed)
 
     def _unavailable(self, exc: RedisError) -> BaseException:
         return BackendUnavailable(self.keys.holders, exc) if core.unavailable(exc) else exc
@@ -195,9 +234,17 @@ class Semaphore(_SemaphoreCore):
     ) -> None:
         super().__init__(client, name, capacity, expiry, prefix)
 
-    def _call(self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "") -> LeaseReply:
+    def _call(
+        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
+    ) -> LeaseReply:
+        """One script call; then wake the waiters it handed a lease to (one more round trip, only then)."""
         try:
-            return LeaseReply.parse(self._script(keys=self._key_list, args=self._args(mode, lease_id, expiry, about)))
+            args = self._args(mode, lease_id, expiry, about, stay)
+            reply = LeaseReply.parse(self._script(keys=self._key_list, args=args))
+            pipe = self._redis.pipeline(transaction=False)
+            if self._wakes(pipe, reply):
+                pipe.execute()
+            return reply
         except RedisError as exc:
             raise self._unavailable(exc) from exc
 
@@ -215,23 +262,28 @@ class Semaphore(_SemaphoreCore):
         return (Lease(self, lease_id, reply.server_time) if reply.granted else None), reply
 
     def acquire(self, timeout: float | None = None, lease_id: str | None = None) -> Lease:
-        """A lease, waiting for one up to ``timeout`` seconds (None: forever); else ``LeaseUnavailable``.
+        """A lease, waiting in the queue up to ``timeout`` seconds (None: forever); else ``LeaseUnavailable``.
 
         Use it as a context manager: the lease is renewed while the block
         runs and released when it ends, however it ends.
         """
         limit = None if timeout is None else check_seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
-        backoff = _POLL_MIN_S
+        lease_id = uuid.uuid4().hex if lease_id is None else _check_lease_id(lease_id)
+        about = default_description()
         while True:
-            lease, reply = self._attempt(lease_id)
-            if lease is not None:
-                return lease
+            reply = self._call(LeaseMode.WAIT, lease_id, about=about, stay=_WAITER_STAY_S)
+            if reply.granted:
+                return Lease(self, lease_id, reply.server_time)
             left = math.inf if deadline is None else deadline - time.monotonic()
             if left <= 0:
+                if self._call(LeaseMode.LEAVE, lease_id).granted:  # handed over at the last moment
+                    return Lease(self, lease_id, reply.server_time)
                 raise LeaseUnavailable(self.name, self.capacity, float(limit or 0.0))
-            time.sleep(min(left, _next_poll(backoff, reply.wait)))
-            backoff = min(POLL_MAX_S, backoff * 2)
+            try:
+                self._redis.blpop([self.keys.wake(lease_id)], timeout=min(left, POLL_MAX_S))
+            except RedisError as exc:
+                raise self._unavailable(exc) from exc
 
     def renew(self, lease_id: str, expiry: float | None = None) -> bool:
         """Push ``lease_id``'s expiry to ``expiry`` (default: the semaphore's) from now; False if it was lost."""
@@ -257,12 +309,6 @@ class Semaphore(_SemaphoreCore):
         except RedisError as exc:
             raise self._unavailable(exc) from exc
         return sorted(self._holders(now, scores, about), key=lambda h: -h.held_for)
-
-
-def _next_poll(backoff: float, earliest_expiry: float) -> float:
-    """How long a waiter sleeps: its backoff, or less when a lease expires sooner; jittered."""
-    wait = min(backoff, max(_POLL_MIN_S, earliest_expiry)) if earliest_expiry > 0 else backoff
-    return wait * random.uniform(0.5, 1.0)
 
 
 class Lease:
@@ -345,10 +391,15 @@ class AsyncSemaphore(_SemaphoreCore):
             raise self._unavailable(exc) from exc
 
     async def _call(
-        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = ""
+        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
     ) -> LeaseReply:
-        args = self._args(mode, lease_id, expiry, about)
-        return LeaseReply.parse(await self._guard(lambda: self._script(keys=self._key_list, args=args)))
+        """See ``Semaphore._call``."""
+        args = self._args(mode, lease_id, expiry, about, stay)
+        reply = LeaseReply.parse(await self._guard(lambda: self._script(keys=self._key_list, args=args)))
+        pipe = self._redis.pipeline(transaction=False)
+        if self._wakes(pipe, reply):
+            await self._guard(pipe.execute)
+        return reply
 
     async def try_acquire(self, lease_id: str | None = None, description: str | None = None) -> AsyncLease | None:
         """See ``Semaphore.try_acquire``."""
@@ -366,16 +417,18 @@ class AsyncSemaphore(_SemaphoreCore):
         limit = None if timeout is None else check_seconds(timeout, "timeout")
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
-        backoff = _POLL_MIN_S
+        lease_id = uuid.uuid4().hex if lease_id is None else _check_lease_id(lease_id)
+        about = default_description()
         while True:
-            lease, reply = await self._attempt(lease_id)
-            if lease is not None:
-                return lease
+            reply = await self._call(LeaseMode.WAIT, lease_id, about=about, stay=_WAITER_STAY_S)
+            if reply.granted:
+                return AsyncLease(self, lease_id, reply.server_time)
             left = math.inf if deadline is None else deadline - loop.time()
             if left <= 0:
+                if (await self._call(LeaseMode.LEAVE, lease_id)).granted:
+                    return AsyncLease(self, lease_id, reply.server_time)
                 raise LeaseUnavailable(self.name, self.capacity, float(limit or 0.0))
-            await asyncio.sleep(min(left, _next_poll(backoff, reply.wait)))
-            backoff = min(POLL_MAX_S, backoff * 2)
+            await self._guard(partial(self._redis.blpop, [self.keys.wake(lease_id)], timeout=min(left, POLL_MAX_S)))
 
     async def renew(self, lease_id: str, expiry: float | None = None) -> bool:
         """See ``Semaphore.renew``."""

@@ -1,91 +1,181 @@
 -- A fleet-wide semaphore: at most `capacity` leases held at once, each with an
 -- expiry on the Redis server's clock, so a holder that dies (SIGKILL, a frozen
--- host, a lost network) frees its lease when the expiry passes, never later.
+-- host, a lost network) frees its lease when the expiry passes, never later;
+-- and a queue of waiters, to whom a freed lease is handed over in order.
 --
 -- KEYS[1]   holders: zset lease id -> expiry, Redis time in integer us
 -- KEYS[2]   holders' descriptions: hash lease id -> "<acquired at, Redis us> <description>"
--- ARGV[1]   mode: 0 status, 1 acquire, 2 renew, 3 release
--- ARGV[2]   lease id (acquire, renew, release)
--- ARGV[3]   capacity: how many leases may be held at once (acquire)
--- ARGV[4]   expiry in us from now (acquire, renew)
--- ARGV[5]   description of the holder (acquire)
+-- KEYS[3]   queue: zset waiter (its lease id) -> when it joined, Redis us (first come, first served)
+-- KEYS[4]   waiters: zset waiter -> when it stops waiting unless it says so again, Redis us
+-- KEYS[5]   waiters' payloads: hash waiter -> payload, handed back with the lease
+-- ARGV[1]   mode: 0 status, 1 acquire, 2 renew, 3 release, 4 wait, 5 leave
+-- ARGV[2]   lease id (all but status)
+-- ARGV[3]   capacity: how many leases may be held at once
+-- ARGV[4]   expiry in us from now (acquire, renew, wait)
+-- ARGV[5]   description of the holder (acquire, wait)
+-- ARGV[6]   wait: how long the waiter stays queued unless it waits again, us
+-- ARGV[7]   wait: its payload; handed back to whoever hands it the lease
+-- ARGV[8]   how long a handed-over lease is kept for its waiter to take up, us
 --
--- Returns {granted, held, wait_us, now_us, reclaimed}
---   granted    acquire: 1 if the lease is now held (a lease id already held
---              is renewed, not counted twice); renew: 1 if it was still held
---              (0: it expired and may be someone else's now); release: 1 if it
---              was held; status: 1
---   held       leases held after the call
---   wait_us    acquire refused: time until the earliest lease expires unless
---              renewed (a bound for pollers; a release comes sooner); else 0
+-- Modes:
+--   acquire  a lease now if fewer than capacity are held (an id already held
+--            is renewed, not counted twice)
+--   wait     acquire, or join the queue (keeping an earlier place) and stay
+--            in it for ARGV[6] us unless called again
+--   renew    push a held lease's expiry out; a lease handed over to a waiter
+--            is taken up by renewing it
+--   release  give a lease back
+--   leave    stop waiting; granted if the lease was handed over meanwhile
+--
+-- Every call first removes expired leases and waiters that stopped waiting,
+-- then hands free leases to the queue's first waiters (their lease is kept
+-- for them ARGV[8] us, until they take it up by renewing it).  So no sweeper
+-- runs anywhere, and a lease is free within its expiry of its holder's death.
+--
+-- Returns {granted, held, wait_us, now_us, reclaimed, queued, w1, p1, w2, p2, ...}
+--   granted    1 if the call did what it asked (acquire/wait: the lease is
+--              held; renew/release: it was held; leave: it was handed over)
+--   held       leases held after the call (handed-over ones included)
+--   wait_us    acquire/wait refused: time until the earliest lease expires
+--              unless renewed (a bound; a release comes sooner); else 0
 --   now_us     the Redis time of the call
---   reclaimed  expired leases removed by this call (their holders died or
---              froze past their expiry)
+--   reclaimed  expired leases this call removed
+--   queued     waiters queued after the call
+--   w_i, p_i   waiters this call handed a lease to, with their payloads: the
+--              caller tells them (wakes them, or publishes their message)
 --
--- Every call first removes expired leases: no sweeper process is needed, and
--- a lease is free within its expiry of its holder's death.  The keys expire
--- with their last lease: an idle semaphore costs nothing.
+-- The keys expire with their last lease or waiter: an idle semaphore costs
+-- nothing.
 
-local STATUS, ACQUIRE, RENEW, RELEASE = 0, 1, 2, 3
+local STATUS, ACQUIRE, RENEW, RELEASE, WAIT, LEAVE = 0, 1, 2, 3, 4, 5
 
 local time = redis.call('TIME')
 local now = time[1] * 1000000 + time[2]
-local holders, about = KEYS[1], KEYS[2]
+local holders, about, queue, waiters, payloads = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode = tonumber(ARGV[1])
 local lease = ARGV[2]
+local capacity = tonumber(ARGV[3])
 
 -- A key of another type (written by someone else) is not ours: start afresh
--- rather than fail every call (the bound errs on the safe side: leases held
--- in a corrupted key are lost, and the holders' renewals tell them so).
-local kind = redis.call('TYPE', holders).ok
-if kind ~= 'zset' and kind ~= 'none' then
-  redis.call('DEL', holders)
-end
-kind = redis.call('TYPE', about).ok
-if kind ~= 'hash' and kind ~= 'none' then
-  redis.call('DEL', about)
+-- rather than fail every call.  Leases held in it are lost to the count
+-- (their holders' renewals tell them so).
+local expected = {[holders] = 'zset', [about] = 'hash', [queue] = 'zset', [waiters] = 'zset', [payloads] = 'hash'}
+for key, kind in pairs(expected) do
+  local found = redis.call('TYPE', key).ok
+  if found ~= kind and found ~= 'none' then
+    redis.call('DEL', key)
+  end
 end
 
+local function remove_all(key, members, command)
+  for i = 1, #members, 1000 do
+    redis.call(command, key, unpack(members, i, math.min(i + 999, #members)))
+  end
+end
+
+-- Expired leases out.
 local expired = redis.call('ZRANGEBYSCORE', holders, '-inf', now)
 local reclaimed = #expired
 if reclaimed > 0 then
   redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
-  for i = 1, reclaimed, 1000 do
-    redis.call('HDEL', about, unpack(expired, i, math.min(i + 999, reclaimed)))
-  end
+  remove_all(about, expired, 'HDEL')
+end
+
+-- Waiters that stopped waiting (gave up, or died) out of the queue.
+local gone = redis.call('ZRANGEBYSCORE', waiters, '-inf', now)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+  remove_all(queue, gone, 'ZREM')
+  remove_all(payloads, gone, 'HDEL')
 end
 
 local granted = 1
 local wait = 0
-if mode == ACQUIRE or mode == RENEW then
-  local expiry = now + tonumber(ARGV[4])
-  local held = redis.call('ZSCORE', holders, lease)
-  if held then
+local expiry = now + (tonumber(ARGV[4]) or 0)
+
+local function leave_queue(id)
+  redis.call('ZREM', queue, id)
+  redis.call('ZREM', waiters, id)
+  redis.call('HDEL', payloads, id)
+end
+
+if mode == ACQUIRE or mode == WAIT or mode == RENEW then
+  if redis.call('ZSCORE', holders, lease) then
     redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
+    leave_queue(lease)
   elseif mode == RENEW then
     granted = 0
-  elseif redis.call('ZCARD', holders) < tonumber(ARGV[3]) then
+  elseif redis.call('ZCARD', holders) < capacity and (redis.call('ZCARD', queue) == 0 or redis.call('ZRANK', queue, lease) == 0) then
+    -- Free, and no one waits before this caller (a lease freed by expiry
+    -- and not yet handed over goes to the queue's first).
     redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
     redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+    leave_queue(lease)
   else
     granted = 0
     local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
-    wait = tonumber(first[2]) - now
+    if first[2] then
+      wait = tonumber(first[2]) - now
+    end
+    if mode == WAIT then
+      redis.call('ZADD', queue, 'NX', string.format('%.0f', now), lease)
+      redis.call('ZADD', waiters, string.format('%.0f', now + tonumber(ARGV[6])), lease)
+      redis.call('HSET', payloads, lease, ARGV[7])
+    end
   end
 elseif mode == RELEASE then
   granted = redis.call('ZREM', holders, lease)
   redis.call('HDEL', about, lease)
+elseif mode == LEAVE then
+  leave_queue(lease)
+  granted = redis.call('ZSCORE', holders, lease) and 1 or 0
 end
 
+-- Free leases to the first waiters, kept for them until they take them up.
+local handed = {}
+local hold_for = tonumber(ARGV[8]) or 0
+if hold_for > 0 then
+  while redis.call('ZCARD', holders) < capacity do
+    local next_one = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not next_one then
+      break
+    end
+    local payload = redis.call('HGET', payloads, next_one) or ''
+    leave_queue(next_one)
+    redis.call('ZADD', holders, string.format('%.0f', now + hold_for), next_one)
+    redis.call('HSET', about, next_one, string.format('%.0f', now) .. ' handed over')
+    handed[#handed + 1] = next_one
+    handed[#handed + 1] = payload
+  end
+end
+
+-- Keys live as long as their latest lease or waiter: nothing of a dead
+-- holder or waiter stays.
 local count = redis.call('ZCARD', holders)
-if count == 0 then
-  redis.call('DEL', holders, about)
-elseif mode ~= STATUS or reclaimed > 0 then
-  -- Live as long as the latest expiry: keys of dead holders never stay.
-  local last = redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')
-  local ttl_ms = math.ceil((tonumber(last[2]) - now) / 1000) + 1
-  redis.call('PEXPIRE', holders, ttl_ms)
-  redis.call('PEXPIRE', about, ttl_ms)
+local queued = redis.call('ZCARD', queue)
+local last = 0
+if count > 0 then
+  last = tonumber(redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')[2])
+end
+if queued > 0 then
+  local last_waiter = tonumber(redis.call('ZRANGE', waiters, -1, -1, 'WITHSCORES')[2])
+  if last_waiter > last then
+    last = last_waiter
+  end
+end
+if count == 0 and queued == 0 then
+  redis.call('DEL', holders, about, queue, waiters, payloads)
+elseif mode ~= STATUS or reclaimed > 0 or #gone > 0 or #handed > 0 then
+  local ttl_ms = math.ceil((last - now) / 1000) + 1
+  for _, key in ipairs({holders, about, queue, waiters, payloads}) do
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('PEXPIRE', key, ttl_ms)
+    end
+  end
 end
 
-return {granted, count, wait, now, reclaimed}
+local reply = {granted, count, wait, now, reclaimed, queued}
+for _, value in ipairs(handed) do
+  reply[#reply + 1] = value
+end
+return reply
