@@ -155,8 +155,11 @@ def test_metrics_match_the_api_counts(fleets: list[Fleet], redis_url: str, tmp_p
     children = Children(tmp_path / "logs")
     try:
         children.spawn(
-            # The API allows what the promise allows: burst + rate x epsilon (50 ms) = 5 + 1.
-            "api", [sys.executable, "-m", "worker.mock_api", "--port", str(api_port), "--rate", "20/s", "--burst", "6"],
+            # The promise is about body starts: burst + rate x epsilon (50 ms) = 5 + 1.  The API
+            # judges request *arrivals*, which the HTTP call itself delays by a varying amount on a
+            # loaded host (a CI run on Python 3.13 saw arrivals bunched by ~150 ms: two 429s at
+            # burst 6); this test is about the metrics, so the API allows 100 ms more: 5 + 3.
+            "api", [sys.executable, "-m", "worker.mock_api", "--port", str(api_port), "--rate", "20/s", "--burst", "8"],
             dict(os.environ), cwd=ROOT,
         )  # fmt: skip
         limits = {"api": {"rate": "20/s", "burst": 5}}

@@ -168,9 +168,12 @@ def test_waiters_are_handed_the_lease_in_the_order_they_came(r: redis.Redis, pre
     assert first is not None
     order: list[int] = []
 
+    seen: list[str] = []
+
     def wait(n: int) -> None:
         with sem.acquire(timeout=30):
             order.append(n)
+            seen.extend(h.description for h in sem.holders())  # a handed-over lease says who took it up
             time.sleep(0.05)
 
     threads = []
@@ -183,6 +186,7 @@ def test_waiters_are_handed_the_lease_in_the_order_they_came(r: redis.Redis, pre
     for thread in threads:
         thread.join(30)
     assert order == [0, 1, 2, 3]
+    assert seen and all("pid" in d and "handed over" not in d for d in seen), seen
     keys = sem.keys
     assert not r.exists(keys.holders, keys.about, keys.queue, keys.waiters, keys.payloads), "nothing left"
 

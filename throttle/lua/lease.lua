@@ -102,6 +102,10 @@ end
 if mode == ACQUIRE or mode == WAIT or mode == RENEW then
   if redis.call('ZSCORE', holders, lease) then
     redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
+    -- A lease handed over to this waiter, taken up now: say who holds it.
+    if mode == WAIT and string.find(redis.call('HGET', about, lease) or '', ' handed over$') then
+      redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+    end
     leave_queue(lease)
   elseif mode == RENEW then
     granted = 0
