@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -52,6 +54,20 @@ _MAX_LUA = (
     "local v = tonumber(redis.call('GET', KEYS[1]) or '0') "
     "if tonumber(ARGV[1]) > v then redis.call('SET', KEYS[1], ARGV[1]) end return 1"
 )
+
+
+@contextmanager
+def child_process(code: str, ready: bytes) -> Iterator[subprocess.Popen[bytes]]:
+    """A Python process running ``code``, once it printed ``ready``; killed and reaped at the end."""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=os.getcwd())
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == ready
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
 
 
 def test_never_more_holders_than_capacity_across_processes(redis_url: str, prefix: str) -> None:
@@ -106,9 +122,7 @@ def test_a_killed_holder_frees_its_lease_within_the_expiry(redis_url: str, prefi
         "    print('held', flush=True)\n"
         "    time.sleep(600)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=os.getcwd())
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == b"held"
+    with child_process(code, b"held") as child:
         r = redis.Redis.from_url(redis_url)
         sem = Semaphore(r, "api", 1, expiry=1.0, prefix=prefix)
         time.sleep(1.5)
@@ -120,11 +134,6 @@ def test_a_killed_holder_frees_its_lease_within_the_expiry(redis_url: str, prefi
         assert freed_after <= 1.0 + 0.3, f"freed {freed_after:.2f}s after the kill (expiry 1 s, + 0.3 s tolerance)"
         lease.release()
         r.close()
-    finally:
-        child.kill()
-        child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
 
 
 def test_a_block_longer_than_the_expiry_keeps_its_lease(r: redis.Redis, prefix: str) -> None:
@@ -235,9 +244,7 @@ def test_a_killed_waiter_leaves_the_queue(redis_url: str, r: redis.Redis, prefix
         "print('waiting', flush=True)\n"
         "sem.acquire(timeout=600)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == b"waiting"
+    with child_process(code, b"waiting") as child:
         deadline = time.monotonic() + 10
         while not r.zcard(sem.keys.queue) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -251,11 +258,6 @@ def test_a_killed_waiter_leaves_the_queue(redis_url: str, r: redis.Redis, prefix
         waiter.join(30)
         bound = _WAITER_STAY_S + HANDOVER_HOLD_S + 0.5
         assert got and got[0] - killed <= bound, f"{got[0] - killed:.2f}s after the kill (bound {bound}s)"
-    finally:
-        child.kill()
-        child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
 
 
 def test_holders_say_who_and_since_when(r: redis.Redis, prefix: str) -> None:

@@ -198,12 +198,15 @@ class _SemaphoreCore:
         hold_us = seconds_to_us(HANDOVER_HOLD_S)
         return [int(mode), lease_id, self.capacity, expiry_us, about, seconds_to_us(stay), "", hold_us]
 
-    def _wakes(self, pipe: Any, reply: LeaseReply) -> bool:
-        """Queue the wake-ups of the waiters ``reply`` handed a lease to; whether there were any."""
+    def _wakes(self, reply: LeaseReply) -> Any:
+        """A pipeline waking the waiters ``reply`` handed a lease to, or None (the common case: none)."""
+        if not reply.handed:
+            return None
+        pipe = self._redis.pipeline(transaction=False)
         for waiter, _ in reply.handed:
             pipe.rpush(self.keys.wake(waiter), 1)
             pipe.pexpire(self.keys.wake(waiter), _WAKE_TTL_MS)
-        return bool(reply.handed)
+        return pipe
 
     def _unavailable(self, exc: RedisError) -> BaseException:
         return BackendUnavailable(self.keys.holders, exc) if core.unavailable(exc) else exc
@@ -241,9 +244,9 @@ class Semaphore(_SemaphoreCore):
         try:
             args = self._args(mode, lease_id, expiry, about, stay)
             reply = LeaseReply.parse(self._script(keys=self._key_list, args=args))
-            pipe = self._redis.pipeline(transaction=False)
-            if self._wakes(pipe, reply):
-                pipe.execute()
+            wakes = self._wakes(reply)
+            if wakes is not None:
+                wakes.execute()
             return reply
         except RedisError as exc:
             raise self._unavailable(exc) from exc
@@ -396,9 +399,9 @@ class AsyncSemaphore(_SemaphoreCore):
         """See ``Semaphore._call``."""
         args = self._args(mode, lease_id, expiry, about, stay)
         reply = LeaseReply.parse(await self._guard(lambda: self._script(keys=self._key_list, args=args)))
-        pipe = self._redis.pipeline(transaction=False)
-        if self._wakes(pipe, reply):
-            await self._guard(pipe.execute)
+        wakes = self._wakes(reply)
+        if wakes is not None:
+            await self._guard(wakes.execute)
         return reply
 
     async def try_acquire(self, lease_id: str | None = None, description: str | None = None) -> AsyncLease | None:
