@@ -23,6 +23,8 @@ __all__ = [
     "MAX_RATE",
     "MAX_BUCKET_SECONDS",
     "MAX_WAIT_SECONDS",
+    "ConcurrencyLimit",
+    "DEFAULT_LEASE_EXPIRY_S",
 ]
 
 US_PER_S = 1_000_000
@@ -176,3 +178,28 @@ class NamedLimit:
     limit: Limit
     per_key: bool = True
     mode: LimitMode = "enforce"
+
+
+#: A task's lease expires this long after its last renewal (renewed every
+#: third of it while the body runs): how long a SIGKILLed or frozen worker
+#: keeps its leases at most.  A task with a hard ``time_limit`` uses at most
+#: that plus ``LEASE_TIME_LIMIT_MARGIN_S``.
+DEFAULT_LEASE_EXPIRY_S = 60.0
+
+
+@dataclass(frozen=True)
+class ConcurrencyLimit:
+    """At most ``capacity`` bodies of the tasks naming ``name`` run at once, fleet-wide.
+
+    ``per_key``: one such limit per ``throttle_key`` (True, the default), or
+    one for all keys.  ``expiry``: how long a lease outlives its last renewal.
+    """
+
+    name: str
+    capacity: int
+    per_key: bool = True
+    expiry: float = DEFAULT_LEASE_EXPIRY_S
+
+    def lease_name(self, tenant: str | None) -> str:
+        """The semaphore of this limit (``tenant``'s, if split per key): named like its bucket."""
+        return self.name if tenant is None or not self.per_key else f"{self.name}:{tenant}"

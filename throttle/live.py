@@ -180,18 +180,31 @@ class LiveLimits:
         names = [only] if only is not None else sorted(set(configured) | state.names())
         return {name: state.in_force(name, configured.get(name), scheduled) for name in names}
 
-    def set(self, name: str, rate: str | None = None, burst: int | None = None, mode: LimitMode | None = None) -> int:
-        """Override ``name``'s rate, burst and/or mode from ``CHANGE_DELAY_S`` on; the new version."""
-        if rate is None and burst is None and mode is None:
-            raise ValueError("give at least one of rate, burst, mode")
+    def set(
+        self,
+        name: str,
+        rate: str | None = None,
+        burst: int | None = None,
+        mode: LimitMode | None = None,
+        concurrency: int | None = None,
+    ) -> int:
+        """Override ``name``'s rate, burst, mode and/or concurrency from ``CHANGE_DELAY_S`` on; the new version."""
+        if rate is None and burst is None and mode is None and concurrency is None:
+            raise ValueError("give at least one of rate, burst, mode, concurrency")
         current = self.read().overrides.get(name, Override())
         # Checked as merged with what is set now (Lua merges it again, atomically).
         Override(
             rate if rate is not None else current.rate,
             burst if burst is not None else current.burst,
             mode if mode is not None else current.mode,
+            concurrency if concurrency is not None else current.concurrency,
         )
-        fields = ("" if rate is None else str(rate), "" if burst is None else str(int(burst)), mode or "")
+        fields = (
+            "" if rate is None else str(rate),
+            "" if burst is None else str(int(burst)),
+            mode or "",
+            "" if concurrency is None else str(int(concurrency)),
+        )
         return self._change(name, "set", *fields)
 
     def unset(self, name: str) -> bool:
@@ -211,7 +224,7 @@ class LiveLimits:
         a few hundred ms old switch to the first change while fresher workers
         keep the limit before it: two versions, two buckets, twice the rate.
         """
-        args = [name, op, round(CHANGE_DELAY_S * 1e6), STATE_TTL_S, *(fields or ("", "", ""))]
+        args = [name, op, round(CHANGE_DELAY_S * 1e6), STATE_TTL_S, *(fields or ("", "", "", ""))]
         keys = [self.overrides_key, self.versions_key, self.pending_key]
         for _ in range(_CHANGE_ATTEMPTS):
             reply, value = self._change_script(keys=keys, args=args)

@@ -28,20 +28,34 @@ class Override:
     rate: str | None = None
     burst: int | None = None
     mode: LimitMode | None = None
+    #: A concurrency limit's capacity (leases held at once).
+    concurrency: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        c = self.concurrency
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 1_000_000):
+            raise ValueError(f"concurrency must be a whole number from 1 to 1000000, got {c!r}")
         # Checked like any limit: a bad override never reaches a worker.
         Limit(self.rate or 1, self.burst or 1)
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in (("rate", self.rate), ("burst", self.burst), ("mode", self.mode)) if v})
+        fields = (("rate", self.rate), ("burst", self.burst), ("mode", self.mode), ("concurrency", self.concurrency))
+        return json.dumps({k: v for k, v in fields if v})
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Override:
-        data = json.loads(raw)
-        return cls(data.get("rate"), data.get("burst"), data.get("mode"))
+        return cls.from_dict(json.loads(raw))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Override:
+        return cls(data.get("rate"), data.get("burst"), data.get("mode"), data.get("concurrency"))
+
+    @property
+    def shapes_rate(self) -> bool:
+        """Whether it says anything of a rate (not only a concurrency)."""
+        return self.rate is not None or self.burst is not None
 
     def apply(self, limit: Limit | None, mode: LimitMode) -> tuple[Limit, LimitMode]:
         """The effective (limit, mode) over the configured ones (cached: the
@@ -78,6 +92,8 @@ class InForce:
     version: int
     pause_left: float
     override_error: str | None = None
+    #: An operator's concurrency (``throttle set NAME --concurrency N``); None: as configured.
+    concurrency: int | None = None
     change_in: float = 0.0  # seconds until a change already made takes effect (0: none pending)
 
     def bucket(self, tenant: str | None = None) -> str:
@@ -104,7 +120,7 @@ class Pending:
         return cls(
             int(data["at"]) / 1e6,
             int(data["version"]),
-            None if override is None else Override(override.get("rate"), override.get("burst"), override.get("mode")),
+            None if override is None else Override.from_dict(override),
         )
 
 
@@ -150,7 +166,7 @@ class LiveState:
         limit = configured.limit if configured is not None else None
         mode: LimitMode = configured.mode if configured is not None else "enforce"
         error = None
-        if override is not None:
+        if override is not None and (limit is not None or override.shapes_rate):
             try:
                 limit, mode = override.apply(limit, mode)
             except (TypeError, ValueError) as exc:  # checked when set; a hand-written one may be wrong
@@ -166,4 +182,5 @@ class LiveState:
             pause_left=self.pause_left(name, now),
             override_error=error,
             change_in=change_in,
+            concurrency=override.concurrency if override is not None else None,
         )

@@ -101,6 +101,8 @@ class LeaseMode(IntEnum):
     RELEASE = 3
     WAIT = 4
     LEAVE = 5
+    TAKE = 6
+    RELEASE_PREFIX = 7
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,27 @@ class LeaseReply:
     queued: int = 0  #: waiters in the queue after the call
     #: (waiter, payload) this call handed a lease to: the caller wakes them.
     handed: tuple[tuple[str, bytes], ...] = ()
+    #: take: the waiter is unknown (its lease was taken up by another copy of its message, or it never waited).
+    unknown: bool = False
+    #: What ``granted`` counted (release-prefix: how many leases it released).
+    count: int = 0
 
     @classmethod
     def parse(cls, reply: Any) -> LeaseReply:
         granted, held, wait_us, now_us, reclaimed, queued = (int(x) for x in reply[:6])
         rest = reply[6:]
         handed = tuple((_text(rest[i]), _raw(rest[i + 1])) for i in range(0, len(rest), 2))
-        return cls(granted == 1, held, max(0, wait_us) / US_PER_S, now_us / US_PER_S, reclaimed, queued, handed)
+        return cls(
+            granted >= 1,
+            held,
+            max(0, wait_us) / US_PER_S,
+            now_us / US_PER_S,
+            reclaimed,
+            queued,
+            handed,
+            wait_us < 0,
+            granted,
+        )
 
 
 def _text(value: Any) -> str:
@@ -181,8 +197,11 @@ def default_description() -> str:
 class _SemaphoreCore:
     """Arguments and replies of ``lua/lease.lua`` for one semaphore (sync or asyncio)."""
 
+    #: Checks ``name`` (a subclass naming tenants' semaphores allows more).
+    _check_name = staticmethod(_check_name)
+
     def __init__(self, client: Any, name: str, capacity: int, expiry: float, prefix: str) -> None:
-        self.name = _check_name(name)
+        self.name = self._check_name(name)
         self.capacity = _check_capacity(capacity)
         self.expiry = _check_expiry(expiry)
         self.prefix = check_prefix(prefix)
@@ -191,12 +210,24 @@ class _SemaphoreCore:
         self._script = register(client, "lease")
         self._key_list = [self.keys.holders, self.keys.about, self.keys.queue, self.keys.waiters, self.keys.payloads]
 
+    #: How long a lease handed over to a waiter is kept for it (see HANDOVER_HOLD_S).
+    handover_hold = HANDOVER_HOLD_S
+
     def _args(
-        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
+        self,
+        mode: LeaseMode,
+        lease_id: str = "",
+        expiry: float | None = None,
+        about: str = "",
+        stay: float = 0.0,
+        payload: bytes = b"",
+        hand_over: bool = True,
     ) -> list[Any]:
+        """``hand_over`` False: this call does not hand free leases to waiters (a look by
+        an operator, who could not tell a parked task's message to go)."""
         expiry_us = seconds_to_us(self.expiry if expiry is None else expiry)
-        hold_us = seconds_to_us(HANDOVER_HOLD_S)
-        return [int(mode), lease_id, self.capacity, expiry_us, about, seconds_to_us(stay), "", hold_us]
+        hold_us = seconds_to_us(self.handover_hold) if hand_over else 0
+        return [int(mode), lease_id, self.capacity, expiry_us, about, seconds_to_us(stay), payload, hold_us]
 
     def _wakes(self, reply: LeaseReply) -> Any:
         """A pipeline waking the waiters ``reply`` handed a lease to, or None (the common case: none)."""

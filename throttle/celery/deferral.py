@@ -35,6 +35,7 @@ __all__ = [
     "HEADER_ETA",
     "HEADER_RELEASED",
     "HEADER_PARKED",
+    "HEADER_LEASE",
     "outgoing",
 ]
 
@@ -48,6 +49,7 @@ HEADER_RETRIES = "throttle_retries"  # request.retries when deferred: a Celery r
 HEADER_ETA = "throttle_eta"  # when it should arrive, Redis time in seconds (see throttle.celery.request)
 HEADER_RELEASED = "throttle_released"  # [room, park id, copy id]: released from the waiting room
 HEADER_PARKED = "throttle_parked"  # the park id: each park of a task has its own (throttle.celery.release)
+HEADER_LEASE = "throttle_lease"  # [limit's lease name, lease id, retries]: a lease handed over to this parked task
 
 #: The Celery event a worker sends for each deferral (when it sends task
 #: events: ``celery worker -E`` or ``celery control enable_events``), with
@@ -94,6 +96,7 @@ class DeferralReason(StrEnum):
     UNBOOKED = "unbooked"  # came with slot headers but no ticket (a copy, a forgery, a duplicate)
     RATE_LIMITED = "rate_limited"  # the body raised RateLimited
     BACKEND = "backend"  # Redis could not answer (policy "defer")
+    CONCURRENCY = "concurrency"  # its concurrency limit's leases were all held: queued for the next one
 
 
 @dataclass(frozen=True)
@@ -113,19 +116,19 @@ class Stamp:
         ``Task.retry`` copies the request's headers into the retry: the
         retry starts afresh (its own budget, its own booking).
         """
-        if _header(request, HEADER_DEFERRALS) is None:
+        if header(request, HEADER_DEFERRALS) is None:
             return cls()
-        stamped = _header(request, HEADER_RETRIES)
+        stamped = header(request, HEADER_RETRIES)
         if stamped is not None and _int(stamped) != int(request.retries or 0):
             return cls()
-        since = _header(request, HEADER_SINCE)
-        versions = _header(request, HEADER_VERSIONS)
-        released = _header(request, HEADER_RELEASED)
+        since = header(request, HEADER_SINCE)
+        versions = header(request, HEADER_VERSIONS)
+        released = header(request, HEADER_RELEASED)
         is_triple = isinstance(released, (list, tuple)) and len(released) == 3
         return cls(
-            deferrals=_int(_header(request, HEADER_DEFERRALS)),
+            deferrals=_int(header(request, HEADER_DEFERRALS)),
             since=float(since) if isinstance(since, (int, float)) else None,
-            booked=_header(request, HEADER_SLOT) is not None,
+            booked=header(request, HEADER_SLOT) is not None,
             versions=str(versions) if versions is not None else None,
             released=(str(released[0]), str(released[1]), str(released[2])) if is_triple else None,
         )
@@ -165,13 +168,13 @@ def outgoing(
     if versions is None:
         merged.pop(HEADER_SLOT, None)
         merged.pop(HEADER_VERSIONS, None)
-    for stale in (HEADER_ETA, HEADER_RELEASED, HEADER_PARKED):
+    for stale in (HEADER_ETA, HEADER_RELEASED, HEADER_PARKED, HEADER_LEASE):
         merged.pop(stale, None)
     signature.options["headers"] = merged
     return signature
 
 
-def _header(request: Any, name: str) -> Any:
+def header(request: Any, name: str) -> Any:
     value = getattr(request, name, None)
     if value is None and isinstance(getattr(request, "headers", None), dict):
         value = request.headers.get(name)

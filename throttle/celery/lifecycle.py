@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from .leases import start_sweeper, stop_sweeper
 from .release import start_releaser, stop_releaser
 from .runtime import runtime_for
 
@@ -38,12 +39,14 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         return
     runtime.publish()
     start_releaser(app)
+    start_sweeper(app)
 
 
 def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None:
         stop_releaser(app)
+        stop_sweeper(app)
 
 
 worker_ready.connect(_on_worker_ready, weak=False)

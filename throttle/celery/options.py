@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from ..checks import check_cost
 from ..keys import bucket_name
-from ..limit import Limit, NamedLimit
+from ..limit import ConcurrencyLimit, Limit, NamedLimit
 from .settings import ThrottleSettings, check_limit_name
 
 __all__ = ["TaskPlan", "resolve_options"]
@@ -21,15 +21,21 @@ __all__ = ["TaskPlan", "resolve_options"]
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """A task's limits (decided all-or-nothing), its tenant key and its cost."""
+    """A task's limits (decided all-or-nothing), its tenant key and its cost.
+
+    ``limits`` are the rate limits (may be empty: concurrency only),
+    ``leases`` the concurrency limits; a name configured with both is in both.
+    """
 
     limits: tuple[NamedLimit, ...]
     key_fn: Callable[..., object] | None
     cost: int | Callable[..., object]
+    leases: tuple[ConcurrencyLimit, ...] = ()
 
     @property
     def min_burst(self) -> int:
-        return min(nl.limit.burst for nl in self.limits)
+        # No rate limit: a cost has nothing to be larger than.
+        return min((nl.limit.burst for nl in self.limits), default=1 << 30)
 
     @property
     def grace(self) -> float:
@@ -37,7 +43,7 @@ class TaskPlan:
         intervals of its strictest limit (10 ms to 1 s).  Any 1 s window then
         holds at most two starts more than the slots in it; a task later than
         that books again rather than bunch up with the tasks after it."""
-        interval = min(nl.limit.interval_us for nl in self.limits) / 1e6
+        interval = min((nl.limit.interval_us for nl in self.limits), default=1_000_000) / 1e6
         return min(1.0, max(0.01, 2 * interval))
 
     def cost_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> int:
@@ -68,11 +74,17 @@ def resolve_options(
     if not items:
         raise ValueError(f"{where}: throttle must name at least one limit, got {spec!r}")
     limits: list[NamedLimit] = []
+    leases: list[ConcurrencyLimit] = []
+    names: list[str] = []
     for item in items:
         if isinstance(item, Limit):
             limits.append(NamedLimit(f"task.{task_name}", item))
-        elif isinstance(item, str) and item in settings.limits:
-            limits.append(settings.limits[item])
+        elif isinstance(item, str) and (item in settings.limits or item in settings.concurrency):
+            if item in settings.limits:
+                limits.append(settings.limits[item])
+            if item in settings.concurrency:
+                leases.append(settings.concurrency[item])
+            names.append(item)
         elif isinstance(item, str) and item[:1].isdigit():
             try:
                 limit = Limit(item, 1 if burst is None else cast(int, burst))  # checked by Limit
@@ -85,12 +97,12 @@ def resolve_options(
             raise ValueError(f"{where}: throttle={item!r} is not in throttle_limits ({known}) and is not a rate")
         else:
             raise TypeError(f"{where}: throttle must be a limit name, a rate like '10/s' or a Limit, got {item!r}")
-    names = [nl.name for nl in limits]
+    names += [nl.name for nl in limits if nl.name not in settings.limits]
     if len(set(names)) != len(names):
         raise ValueError(f"{where}: throttle names a limit twice: {names}")
     if key_fn is not None and not callable(key_fn):
         raise TypeError(f"{where}: throttle_key must be a callable(*args, **kwargs) -> str, got {key_fn!r}")
-    plan = TaskPlan(tuple(limits), cast(Callable[..., object] | None, key_fn), 1)
+    plan = TaskPlan(tuple(limits), cast(Callable[..., object] | None, key_fn), 1, tuple(leases))
     if callable(cost):
-        return TaskPlan(plan.limits, plan.key_fn, cost)
-    return TaskPlan(plan.limits, plan.key_fn, check_cost(cost, plan.min_burst, f"{where}: throttle_cost"))
+        return TaskPlan(plan.limits, plan.key_fn, cost, plan.leases)
+    return TaskPlan(plan.limits, plan.key_fn, check_cost(cost, plan.min_burst, f"{where}: throttle_cost"), plan.leases)

@@ -23,6 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from billiard.exceptions import Terminated, TimeLimitExceeded, WorkerLostError
 from celery import Celery
 from celery.worker.request import Request
 from redis.exceptions import RedisError
@@ -131,7 +132,31 @@ class ThrottleRequest(Request):  # type: ignore[misc]
             # Without this event, monitors keep the task STARTED for its
             # whole wait: Celery sends nothing after an Ignore.
             self._send_deferred_event(exc.fields())
+        elif isinstance(exc, (WorkerLostError, Terminated, TimeLimitExceeded)):
+            # The pool process died (killed, revoked with terminate, hard
+            # time limit): its task_postrun never ran, so its leases are
+            # given back from here (before a reject re-queues the task).
+            self._release_leases()
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if not soft:
+            self._release_leases()  # the pool kills the process: nothing in it releases
+        return super().on_timeout(soft, timeout)
+
+    def _release_leases(self) -> None:
+        if getattr(self.task, "_throttle_plan", None) is None or not self.task._throttle_plan.leases:
+            return
+        try:
+            args, kwargs = self.args, self.kwargs
+        except Exception:  # a body that does not decode: release what needs no tenant
+            args, kwargs = (), {}
+        from .leases import release_task  # the gate's modules, only when a lease is involved
+
+        try:
+            release_task(self._app, self.task, self.id, args, kwargs)
+        except Exception as exc:  # never fail the worker's bookkeeping: the leases expire
+            logger.warning("could not release the leases of %s: %s", self.id, exc)
 
     @property
     def eta(self) -> datetime | None:

@@ -22,11 +22,20 @@ from celery import Celery
 from ..checks import check_prefix
 from ..connect import SCHEMES, SINGLE, redact
 from ..keys import LIMIT_NAME
-from ..limit import MAX_WAIT_SECONDS, MODES, Limit, LimitMode, NamedLimit
+from ..limit import DEFAULT_LEASE_EXPIRY_S, MAX_WAIT_SECONDS, MODES, ConcurrencyLimit, Limit, LimitMode, NamedLimit
+from ..semaphore import MAX_CAPACITY, MAX_EXPIRY_S
 
 logger = logging.getLogger("throttle")
 
-__all__ = ["ThrottleSettings", "settings_for", "parse_limits", "check_limit_name", "BackendPolicy", "ON_BACKEND_ERROR"]
+__all__ = [
+    "ThrottleSettings",
+    "settings_for",
+    "parse_limits",
+    "parse_concurrency",
+    "check_limit_name",
+    "BackendPolicy",
+    "ON_BACKEND_ERROR",
+]
 
 #: What the gate does when Redis cannot answer: re-send the task later, run
 #: it unthrottled, or fail it.
@@ -55,6 +64,8 @@ class ThrottleSettings:
     redis_url: str
     prefix: str = "throttle"
     limits: Mapping[str, NamedLimit] = field(default_factory=dict)
+    #: The concurrency limits of ``throttle_limits`` (``{"concurrency": 5}``), by name.
+    concurrency: Mapping[str, ConcurrencyLimit] = field(default_factory=dict)
     on_backend_error: BackendPolicy = "defer"
     max_defer: float = DEFAULT_MAX_DEFER
     max_countdown: float = DEFAULT_MAX_COUNTDOWN
@@ -72,6 +83,7 @@ class ThrottleSettings:
             redis_url=url,
             prefix=_prefix(conf.get("throttle_prefix", "throttle")),
             limits=parse_limits(conf.get("throttle_limits") or {}),
+            concurrency=parse_concurrency(conf.get("throttle_limits") or {}),
             on_backend_error=_policy(conf.get("throttle_on_backend_error", "defer")),
             max_defer=_seconds("throttle_max_defer", conf.get("throttle_max_defer", DEFAULT_MAX_DEFER)),
             max_countdown=_max_countdown(conf),
@@ -89,10 +101,24 @@ def check_limit_name(name: object, setting: str) -> str:
 
 
 def parse_limits(value: object) -> dict[str, NamedLimit]:
-    """``{"github": {"rate": "10/s", "burst": 5}, "mail": "100/m"}`` -> NamedLimits."""
+    """``{"github": {"rate": "10/s", "burst": 5}, "mail": "100/m"}`` -> NamedLimits (the rate limits)."""
+    return _parse(value)[0]
+
+
+def parse_concurrency(value: object) -> dict[str, ConcurrencyLimit]:
+    """``{"partner": {"concurrency": 5, "lease_expiry": 30}}`` -> ConcurrencyLimits."""
+    return _parse(value)[1]
+
+
+_KEYS = ("rate", "burst", "per_key", "mode", "concurrency", "lease_expiry")
+
+
+def _parse(value: object) -> tuple[dict[str, NamedLimit], dict[str, ConcurrencyLimit]]:
+    """Every entry of ``throttle_limits``: a rate, a concurrency, or both under one name."""
     if not isinstance(value, Mapping):
         raise ValueError(f"throttle_limits must be a dict of name -> {{'rate': ..., 'burst': ...}}, got {value!r}")
     limits: dict[str, NamedLimit] = {}
+    concurrency: dict[str, ConcurrencyLimit] = {}
     for name, given in value.items():
         check_limit_name(name, "throttle_limits")
         where = f"throttle_limits[{name!r}]"
@@ -100,23 +126,49 @@ def parse_limits(value: object) -> dict[str, NamedLimit]:
         spec = {"rate": given} if is_rate else given
         if not isinstance(spec, Mapping):
             raise ValueError(f"{where} must be a rate or a dict with 'rate' and 'burst', got {spec!r}")
-        unknown = set(spec) - {"rate", "burst", "per_key", "mode"}
+        unknown = set(spec) - set(_KEYS)
         if unknown:
-            raise ValueError(f"{where} has unknown keys {sorted(unknown)}: use 'rate', 'burst', 'per_key', 'mode'")
-        if "rate" not in spec:
-            raise ValueError(f"{where} needs a 'rate' such as '10/s'")
-        try:
-            limit = Limit(spec["rate"], spec.get("burst", 1))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from exc
+            raise ValueError(f"{where} has unknown keys {sorted(unknown)}: use {', '.join(repr(k) for k in _KEYS)}")
+        if "rate" not in spec and "concurrency" not in spec:
+            raise ValueError(f"{where} needs a 'rate' such as '10/s', a 'concurrency' such as 5, or both")
         per_key = spec.get("per_key", True)
         if not isinstance(per_key, bool):
             raise ValueError(f"{where}['per_key'] must be True or False, got {per_key!r}")
         mode = spec.get("mode", "enforce")
         if mode not in MODES:
             raise ValueError(f"{where}['mode'] must be 'enforce' or 'shadow', got {mode!r}")
-        limits[name] = NamedLimit(name, limit, per_key, cast(LimitMode, mode))
-    return limits
+        if "rate" in spec:
+            try:
+                limit = Limit(spec["rate"], spec.get("burst", 1))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+            limits[name] = NamedLimit(name, limit, per_key, cast(LimitMode, mode))
+        elif "burst" in spec:
+            raise ValueError(f"{where} has a 'burst' but no 'rate'")
+        if "concurrency" in spec:
+            if mode != "enforce":
+                raise ValueError(f"{where}['mode'] {mode!r} applies to rates only: a concurrency limit is enforced")
+            concurrency[name] = ConcurrencyLimit(
+                name, _capacity(where, spec["concurrency"]), per_key, _lease_expiry(where, spec)
+            )
+        elif "lease_expiry" in spec:
+            raise ValueError(f"{where} has a 'lease_expiry' but no 'concurrency'")
+    return limits, concurrency
+
+
+def _capacity(where: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CAPACITY:
+        raise ValueError(f"{where}['concurrency'] must be a whole number from 1 to {MAX_CAPACITY}, got {value!r}")
+    return value
+
+
+def _lease_expiry(where: str, spec: Mapping[str, Any]) -> float:
+    value = spec.get("lease_expiry", DEFAULT_LEASE_EXPIRY_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{where}['lease_expiry'] must be a number of seconds, got {value!r}")
+    if not 1 <= value <= MAX_EXPIRY_S:
+        raise ValueError(f"{where}['lease_expiry'] must be from 1 to {MAX_EXPIRY_S:g} seconds, got {value!r}")
+    return float(value)
 
 
 #: Options of Celery's Redis broker (``broker_transport_options``) that mean

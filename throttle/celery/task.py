@@ -20,9 +20,11 @@ from celery import Celery, Task
 from celery.signals import task_postrun
 
 from ..errors import RateLimited
+from ..semaphore import Lease
 from . import lifecycle  # noqa: F401  (connects what a worker does at start and stop)
 from .deferral import Deferred
 from .gate import Gate
+from .leases import acquire_or_park, hold, release_held
 from .options import TaskPlan, resolve_options
 from .settings import settings_for
 
@@ -117,7 +119,21 @@ class ThrottledTask(Task):  # type: ignore[misc]
         plan = self._throttle_plan
         if plan is None or request.is_eager or request.called_directly or not self._throttle_on():
             return
-        _deciding(Gate(self, plan, list(args or ()), dict(kwargs or {})).admit)
+        call_args, call_kwargs = list(args or ()), dict(kwargs or {})
+        if not plan.leases:
+            _deciding(Gate(self, plan, call_args, call_kwargs).admit)
+            return
+        # Concurrency first: a task that parks for a lease has taken no
+        # rate token; one deferred by the rate gives its leases back.
+        leases: list[Lease] = []
+        _deciding(lambda: leases.extend(acquire_or_park(self, plan, call_args, call_kwargs)))
+        try:
+            if plan.limits:
+                _deciding(Gate(self, plan, call_args, call_kwargs).admit)
+        except BaseException:
+            release_held(leases)
+            raise
+        hold(task_id, leases)  # renewed while the body runs, released by task_postrun
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: Any = None, *rest: Any, **options: Any) -> Any:
         """Celery's ``retry``; a ``RateLimited`` ``exc`` pauses the fleet instead.

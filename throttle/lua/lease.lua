@@ -8,8 +8,9 @@
 -- KEYS[3]   queue: zset waiter (its lease id) -> when it joined, Redis us (first come, first served)
 -- KEYS[4]   waiters: zset waiter -> when it stops waiting unless it says so again, Redis us
 -- KEYS[5]   waiters' payloads: hash waiter -> payload, handed back with the lease
--- ARGV[1]   mode: 0 status, 1 acquire, 2 renew, 3 release, 4 wait, 5 leave
--- ARGV[2]   lease id (all but status)
+-- ARGV[1]   mode: 0 status, 1 acquire, 2 renew, 3 release, 4 wait, 5 leave,
+--           6 take up, 7 release every lease whose id starts with ARGV[2]
+-- ARGV[2]   lease id (all but status; a prefix for mode 7)
 -- ARGV[3]   capacity: how many leases may be held at once
 -- ARGV[4]   expiry in us from now (acquire, renew, wait)
 -- ARGV[5]   description of the holder (acquire, wait)
@@ -26,6 +27,21 @@
 --            is taken up by renewing it
 --   release  give a lease back
 --   leave    stop waiting; granted if the lease was handed over meanwhile
+--   take     a waiter with a payload (a parked Celery task whose message was
+--            published when its lease was handed over) takes its lease up:
+--            granted if it was handed over and not taken yet, or if it is
+--            first in the queue and a lease is free; else wait_us is -1 when
+--            the waiter is unknown (taken up by another copy of the message,
+--            or never parked) and 0 when it still waits in the queue
+--   release-prefix  release every lease whose id starts with ARGV[2] (the
+--            leases of one Celery task, released by the worker that saw its
+--            process die); granted is how many
+--
+-- A waiter with a payload is not a process that waits: its payload (a task
+-- message) is all there is of it.  So the payload stays in Redis until the
+-- lease handed over to it is taken up; a handed-over lease that expires
+-- untaken (the message was lost, or is late) goes back to the head of the
+-- queue and is handed over again, with its payload, to be published again.
 --
 -- Every call first removes expired leases and waiters that stopped waiting,
 -- then hands free leases to the queue's first waiters (their lease is kept
@@ -47,7 +63,7 @@
 -- The keys expire with their last lease or waiter: an idle semaphore costs
 -- nothing.
 
-local STATUS, ACQUIRE, RENEW, RELEASE, WAIT, LEAVE = 0, 1, 2, 3, 4, 5
+local STATUS, ACQUIRE, RENEW, RELEASE, WAIT, LEAVE, TAKE, RELEASE_PREFIX = 0, 1, 2, 3, 4, 5, 6, 7
 
 local time = redis.call('TIME')
 local now = time[1] * 1000000 + time[2]
@@ -79,6 +95,13 @@ local reclaimed = #expired
 if reclaimed > 0 then
   redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
   remove_all(about, expired, 'HDEL')
+  -- A lease handed over to a parked task and never taken up: its payload is
+  -- still here, so the task goes back to the head of the queue.
+  for _, id in ipairs(expired) do
+    if redis.call('HEXISTS', payloads, id) == 1 and redis.call('ZSCORE', waiters, id) then
+      redis.call('ZADD', queue, 1, id)
+    end
+  end
 end
 
 -- Waiters that stopped waiting (gave up, or died) out of the queue.
@@ -124,7 +147,34 @@ if mode == ACQUIRE or mode == WAIT or mode == RENEW then
     if mode == WAIT then
       redis.call('ZADD', queue, 'NX', string.format('%.0f', now), lease)
       redis.call('ZADD', waiters, string.format('%.0f', now + tonumber(ARGV[6])), lease)
-      redis.call('HSET', payloads, lease, ARGV[7])
+      if ARGV[7] ~= '' then
+        redis.call('HSET', payloads, lease, ARGV[7])
+      end
+    end
+  end
+elseif mode == TAKE then
+  if redis.call('HEXISTS', payloads, lease) == 0 then
+    granted = 0
+    wait = -1
+  elseif redis.call('ZSCORE', holders, lease) then
+    redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
+    redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+    leave_queue(lease)
+  elseif redis.call('ZCARD', holders) < capacity and redis.call('ZRANK', queue, lease) == 0 then
+    redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
+    redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+    leave_queue(lease)
+  else
+    granted = 0
+  end
+elseif mode == RELEASE_PREFIX then
+  granted = 0
+  local all = redis.call('ZRANGE', holders, 0, -1)
+  for _, id in ipairs(all) do
+    if string.sub(id, 1, #lease) == lease then
+      redis.call('ZREM', holders, id)
+      redis.call('HDEL', about, id)
+      granted = granted + 1
     end
   end
 elseif mode == RELEASE then
@@ -145,7 +195,12 @@ if hold_for > 0 then
       break
     end
     local payload = redis.call('HGET', payloads, next_one) or ''
-    leave_queue(next_one)
+    if payload == '' then
+      leave_queue(next_one)
+    else
+      -- Kept until taken up (see above); only its place in the queue goes.
+      redis.call('ZREM', queue, next_one)
+    end
     redis.call('ZADD', holders, string.format('%.0f', now + hold_for), next_one)
     redis.call('HSET', about, next_one, string.format('%.0f', now) .. ' handed over')
     handed[#handed + 1] = next_one
@@ -161,13 +216,15 @@ local last = 0
 if count > 0 then
   last = tonumber(redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')[2])
 end
-if queued > 0 then
+-- (Waiters, not the queue: a parked task handed a lease is out of the queue
+-- but its payload must outlive the hand-over.)
+if redis.call('ZCARD', waiters) > 0 then
   local last_waiter = tonumber(redis.call('ZRANGE', waiters, -1, -1, 'WITHSCORES')[2])
   if last_waiter > last then
     last = last_waiter
   end
 end
-if count == 0 and queued == 0 then
+if count == 0 and queued == 0 and redis.call('ZCARD', waiters) == 0 then
   redis.call('DEL', holders, about, queue, waiters, payloads)
 elseif mode ~= STATUS or reclaimed > 0 or #gone > 0 or #handed > 0 then
   local ttl_ms = math.ceil((last - now) / 1000) + 1

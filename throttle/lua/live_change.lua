@@ -1,13 +1,13 @@
 -- One live change of one limit, scheduled atomically (see throttle/live.py).
 --
--- KEYS[1]   <prefix>:~{live}:overrides   limit -> JSON {"rate", "burst", "mode"}
+-- KEYS[1]   <prefix>:~{live}:overrides   limit -> JSON {"rate", "burst", "mode", "concurrency"}
 -- KEYS[2]   <prefix>:~{live}:versions    limit -> how many times it changed
 -- KEYS[3]   <prefix>:~{live}:pending     limit -> JSON {"at", "version", "override"}
 -- ARGV[1]   the limit's name
 -- ARGV[2]   what to do: "set", "unset" or "bump"
 -- ARGV[3]   the delay until the change takes effect, microseconds
 -- ARGV[4]   TTL of the versions and pending hashes, seconds
--- ARGV[5..7] for "set": rate, burst, mode ("" leaves the current override's value)
+-- ARGV[5..8] for "set": rate, burst, mode, concurrency ("" leaves the current override's value)
 --
 -- Returns one of
 --   {"wait", microseconds}  a change of this limit is still pending: nothing is
@@ -52,6 +52,7 @@ if op == 'set' then
   if ARGV[5] ~= '' then merged['rate'] = ARGV[5] end
   if ARGV[6] ~= '' then merged['burst'] = tonumber(ARGV[6]) end
   if ARGV[7] ~= '' then merged['mode'] = ARGV[7] end
+  if ARGV[8] and ARGV[8] ~= '' then merged['concurrency'] = tonumber(ARGV[8]) end
   redis.call('HSET', KEYS[1], name, cjson.encode(merged))
 elseif op == 'unset' then
   redis.call('HDEL', KEYS[1], name)

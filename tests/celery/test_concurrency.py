@@ -1,0 +1,182 @@
+"""Concurrency limits on real fleets: at most N bodies at once, leases that survive crashes.
+
+Every body records its start and its end on the recording Redis' clock
+(``tests.fleet_app._held``); in flight at time t = bodies started and not
+ended by t.  A body's recorded interval lies inside its lease (taken before
+the start was recorded, given back after the end was), so the count of
+overlapping intervals bounds what the leases allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+
+from tests.celery.conftest import broker
+from tests.fleet import Fleet
+from throttle.celery import EPSILON_S
+from throttle.semaphore import Semaphore
+from throttle.testing.windows import Segment, violations
+
+pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+
+
+def intervals(fleet: Fleet) -> tuple[list[tuple[float, float, str]], list[tuple[float, str]]]:
+    """Finished bodies as (start, end, id); bodies that started and never ended as (start, id)."""
+    starts: dict[tuple[str, int], float] = {}
+    done: list[tuple[float, float, str]] = []
+    for r in fleet.records():
+        if r.get("phase") == "start":
+            starts[(r["id"], r["pid"])] = r["t"]
+        elif r.get("phase") == "end":
+            done.append((starts.pop((r["id"], r["pid"])), r["t"], r["id"]))
+    open_ = [(t, key[0]) for key, t in starts.items()]
+    return done, open_
+
+
+def in_flight(spans: list[tuple[float, float]]) -> tuple[int, float]:
+    """(peak, time-weighted mean) of overlapping spans, from the first start to the last end."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    peak = now = 0
+    area = 0.0
+    last = events[0][0]
+    for t, step in events:
+        area += now * (t - last)
+        last = t
+        now += step
+        peak = max(peak, now)
+    span = events[-1][0] - events[0][0]
+    return peak, area / span if span > 0 else 0.0
+
+
+def wait_ends(fleet: Fleet, count: int, timeout: float) -> list[tuple[float, float, str]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = intervals(fleet)
+        if len(done) >= count:
+            return done
+        time.sleep(0.2)
+    return intervals(fleet)[0]
+
+
+def lease_holders(fleet: Fleet, name: str = "slots") -> list[str]:
+    client = redis.Redis.from_url(fleet.throttle_redis_url)
+    try:
+        return [h.lease_id for h in Semaphore(client, name, 1, prefix=f"throttle-{fleet.queue}").holders()]
+    finally:
+        client.close()
+
+
+def test_fleet_holds_the_concurrency_and_keeps_it_full(fleet_factory: Any) -> None:
+    """Acceptance: 4 prefork workers x c4, concurrency 3, 200 bodies of 0.2-0.6 s.
+
+    Never more than 3 in flight; time-weighted mean in flight >= 2.7
+    (a freed lease goes to the next task in one broker hop); each task once.
+    """
+    fleet = fleet_factory(broker("redis"), {"slots": {"concurrency": 3}}, workers=4, concurrency=4)
+    rng = random.Random(15)
+    ids = fleet.send("fleet.held", [(i, round(rng.uniform(0.2, 0.6), 3)) for i in range(200)])
+    done = wait_ends(fleet, 200, 120)
+    assert len(done) == 200, f"{len(done)} of 200 finished; see {fleet.log_dir}"
+    assert Counter(i for _, _, i in done) == Counter(ids), "every task once"
+    peak, mean = in_flight([(s, e) for s, e, _ in done])
+    print(f"concurrency 3: peak {peak}, time-weighted mean in flight {mean:.2f}")
+    assert peak <= 3
+    assert mean >= 2.7
+    assert lease_holders(fleet) == []
+
+
+def test_rate_and_concurrency_hold_together(fleet_factory: Any) -> None:
+    """Concurrency 3 and 10/s (burst 1) on one limit: both bounds hold at once."""
+    fleet = fleet_factory(broker("redis"), {}, workers=3, concurrency=4)
+    rng = random.Random(7)
+    # Short bodies: the rate binds (10/s x 0.1 s = 1 in flight); long ones: the concurrency.
+    calls = [(i, round(rng.uniform(0.05, 0.15) if i < 30 else rng.uniform(0.4, 0.8), 3)) for i in range(60)]
+    ids = fleet.send("fleet.held_rated", calls)
+    done = wait_ends(fleet, 60, 90)
+    assert sorted(i for _, _, i in done) == sorted(ids)
+    peak, mean = in_flight([(s, e) for s, e, _ in done])
+    assert peak <= 3
+    starts = [s for s, _, _ in done]
+    found = violations(starts, [Segment(0.0, 10.0, 1)], EPSILON_S)
+    assert not found, f"rate broken: {found[0]}"
+    print(f"rate 10/s + concurrency 3: peak {peak}, mean in flight {mean:.2f}")
+
+
+def test_a_killed_worker_frees_its_leases_within_the_expiry(fleet_factory: Any) -> None:
+    """A worker SIGKILLed (main process and pool) while its tasks hold leases.
+
+    acks_late: RabbitMQ delivers the killed runs again when the connection
+    drops; their leases, released by no one, expire (2 s); the bound holds
+    throughout and every task ends exactly once.
+    """
+    expiry = 2.0
+    fleet = fleet_factory(
+        broker("rabbitmq"), {"slots": {"concurrency": 3, "lease_expiry": expiry}}, workers=3, concurrency=2
+    )
+    ids = fleet.send("fleet.held_late", [(i, 1.0) for i in range(24)])
+    # Wait until some worker runs at least one body, then kill that worker whole.
+    deadline = time.monotonic() + 30
+    victim, killed_running = None, set()
+    while time.monotonic() < deadline and victim is None:
+        running = {r["pid"]: r["id"] for r in fleet.records() if r.get("phase") == "start"}
+        open_ids = {i for _, i in intervals(fleet)[1]}
+        for proc in fleet.processes:
+            mine = {task_id for pid, task_id in running.items() if pid in _children(proc.pid) and task_id in open_ids}
+            if mine:
+                victim, killed_running = proc, mine
+                break
+        time.sleep(0.05)
+    assert victim is not None, "no body ran"
+    os.killpg(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    # Their leases are free within the expiry (+ 1 s: the sweeper's look, a loaded host).
+    while time.monotonic() - killed_at < expiry + 1.0:
+        held = lease_holders(fleet)
+        if not any(h.split(".")[0] in killed_running for h in held):
+            break
+        time.sleep(0.1)
+    freed_after = time.monotonic() - killed_at
+    assert freed_after < expiry + 1.0, f"leases of killed tasks still held {freed_after:.1f}s after the kill"
+    done = wait_ends(fleet, 24, 90)
+    ended = Counter(i for _, _, i in done)
+    assert set(ended) == set(ids), f"missing: {set(ids) - set(ended)}"
+    assert max(ended.values()) == 1, "a task ended twice"
+    # The killed runs ran again (their starts: the killed one and the new one).
+    starts = Counter(r["id"] for r in fleet.records() if r.get("phase") == "start")
+    assert all(starts[i] == 2 for i in killed_running), {i: starts[i] for i in killed_running}
+    peak, _ = in_flight([(s, e) for s, e, _ in done])
+    assert peak <= 3
+    print(f"killed worker: leases of {len(killed_running)} running tasks freed {freed_after:.2f}s after the kill")
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(x) for x in f.read().split()}
+    except OSError:
+        return set()
+
+
+def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any) -> None:
+    """A body killed by its hard time limit (1 s) gives its lease back at once, not at its expiry."""
+    fleet = fleet_factory(broker("redis"), {"slots": {"concurrency": 1, "lease_expiry": 60}}, workers=1, concurrency=2)
+    fleet.send("fleet.held_limited", [(0, 5.0)])
+    time.sleep(0.3)
+    fleet.send("fleet.held", [(1, 0.1)])
+    done = wait_ends(fleet, 1, 30)
+    records = fleet.records()
+    first = next(r["t"] for r in records if r["n"] == 0 and r.get("phase") == "start")
+    assert [i for _, _, i in done], "the second task never ran"
+    second = min(s for s, _, _ in done)
+    # Killed at 1 s; the lease's expiry would be min(60, 1 + 5) = 6 s.
+    assert second - first < 3.0, f"second body started {second - first:.1f}s after the first"
+    assert not any(r["n"] == 0 and r.get("phase") == "end" for r in records)
+    assert lease_holders(fleet) == []

@@ -1,0 +1,483 @@
+"""Concurrency limits in Celery: a lease per running body, parked tasks handed the next free lease.
+
+``throttle_limits = {"partner": {"concurrency": 5}}``: at most 5 bodies of
+the tasks naming ``partner`` run at once, fleet-wide.  The gate takes a
+lease (``throttle.semaphore``, lease id ``<task id>.<random>``) before the
+body, the worker process renews it every third of its expiry while the body
+runs, and gives it back when the body ends, however it ends (``task_postrun``
+in the process that ran it; a hard time limit, a killed process or a revoke
+with terminate: the worker's main process, ``release_task``).
+
+A task that finds every lease held does not wait in a pool slot: it *parks*
+in the limit's queue in Redis, its message (the task, packed like a waiting
+room's) as the queued waiter's payload, and ends this run with ``Ignore``
+(no retry spent).  Whoever frees a lease (a release, a renewal or the sweeper
+finding one expired) hands it to the first parked task in the same script
+call and publishes that task's message, with the lease's id in
+``HEADER_LEASE``; the task arrives and takes the lease up.  No polling: a
+freed lease goes to the next task in one broker hop.
+
+Nothing is lost on the way: the payload stays in Redis until the lease is
+taken up.  A hand-over whose message is lost (the publisher died) or late
+expires after ``HANDOVER_HOLD_S``; the task goes back to the head of the
+queue and is handed over and published again.  Of two copies of one
+hand-over, the first to arrive takes the lease; the other finds the payload
+gone and is dropped, unless the broker says it is a redelivery (a worker
+died running it with ``acks_late``): that one runs again, under a new lease.
+
+Leases that nobody releases (a SIGKILLed worker) expire on Redis' clock; the
+sweeper in every worker's main process looks at the limits with parked tasks
+every ``SWEEP_S`` so that their queues move even when no task of the limit
+runs anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from celery.exceptions import Ignore
+from celery.signals import task_postrun
+from redis.exceptions import RedisError
+
+from ..errors import BackendUnavailable
+from ..keys import limit_of, own_key
+from ..limit import MAX_WAIT_SECONDS, ConcurrencyLimit
+from ..semaphore import Lease, LeaseMode, LeaseReply, Semaphore, default_description
+from . import signals
+from .deferral import _PUBLISH_RETRY, HEADER_LEASE, DeferralReason, Deferred, Stamp, header, outgoing
+from .parking import pack, unpack
+from .runtime import Runtime, runtime_for
+
+if TYPE_CHECKING:
+    from celery import Task
+
+    from .options import TaskPlan
+
+__all__ = [
+    "TaskSemaphore",
+    "acquire_leases",
+    "hold",
+    "release_held",
+    "release_task",
+    "LeaseSweeper",
+    "leases_index",
+    "HANDOVER_HOLD_S",
+    "SWEEP_S",
+    "TIME_LIMIT_MARGIN_S",
+]
+
+logger = logging.getLogger("throttle")
+
+#: A lease handed over to a parked task is kept for it this long: the
+#: task's message goes through the broker (behind whatever is queued before
+#: it) to a worker.  Later than that, the lease goes to the head of the queue
+#: and the task's message is published again.
+HANDOVER_HOLD_S = 15.0
+
+#: How often each worker's sweeper looks at the limits with parked tasks.
+SWEEP_S = 1.0
+
+#: A task with a hard time limit holds its lease at most this much longer
+#: than that limit without renewing it.
+TIME_LIMIT_MARGIN_S = 5.0
+
+#: A parked task waits at most this long past its own budget
+#: (``throttle_max_defer``) before its entry is dropped from the queue.
+_STAY_MARGIN_S = 3600.0
+
+
+def leases_index(prefix: str) -> str:
+    """zset: the lease names with parked tasks -> when a task last parked there (Redis s)."""
+    return own_key(prefix, "{leases}")
+
+
+def _any_name(value: object) -> str:
+    """A lease name: a limit's, or a limit's for one tenant (``api:tenant``, any text)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"lease name must be a non-empty str, got {value!r}")
+    return value
+
+
+class TaskSemaphore(Semaphore):
+    """A concurrency limit's semaphore on the Celery side: a hand-over publishes the parked task."""
+
+    _check_name = staticmethod(_any_name)
+    handover_hold = HANDOVER_HOLD_S
+
+    def __init__(self, app: Celery, runtime: Runtime, name: str, capacity: int, expiry: float) -> None:
+        super().__init__(runtime.redis, name, capacity, expiry, runtime.settings.prefix)
+        self.app = app
+        self.runtime = runtime
+        self.limit = limit_of(name)
+
+    def call(
+        self,
+        mode: LeaseMode,
+        lease_id: str = "",
+        expiry: float | None = None,
+        about: str = "",
+        stay: float = 0.0,
+        payload: bytes = b"",
+        hand_over: bool = True,
+    ) -> LeaseReply:
+        """One script call; then publish the parked tasks it handed a lease to."""
+        try:
+            args = self._args(mode, lease_id, expiry, about, stay, payload, hand_over)
+            reply = LeaseReply.parse(self._script(keys=self._key_list, args=args))
+        except RedisError as exc:
+            raise self._unavailable(exc) from exc
+        if reply.reclaimed and self.runtime.metrics is not None:
+            self.runtime.metrics.count([self.limit], "lease_expiries", reply.reclaimed)
+        if reply.handed:
+            self._hand_over(reply.handed)
+        return reply
+
+    def _call(
+        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
+    ) -> LeaseReply:
+        return self.call(mode, lease_id, expiry, about, stay)
+
+    def _hand_over(self, handed: Sequence[tuple[str, bytes]]) -> None:
+        """Publish each parked task that was handed a lease (a failure: the hold expires, it comes back)."""
+        wakes = [waiter for waiter, payload in handed if not payload]
+        for waiter, payload in handed:
+            if payload:
+                self._publish(waiter, payload)
+        if wakes:  # a blocking Semaphore.acquire() on the same name (non-Celery code)
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for waiter in wakes:
+                    pipe.rpush(self.keys.wake(waiter), 1)
+                    pipe.pexpire(self.keys.wake(waiter), 10_000)
+                pipe.execute()
+            except RedisError as exc:
+                logger.debug("could not wake a waiter of %r: %s", self.name, exc)
+
+    def _publish(self, lease_id: str, payload: bytes) -> None:
+        try:
+            signature = unpack(self.app, payload)
+        except (ValueError, TypeError) as exc:
+            logger.error("throttle: cannot publish parked %s of %r: %s", lease_id, self.name, exc)
+            return
+        headers = dict(signature.options.get("headers") or {})
+        stamped = headers.get(HEADER_LEASE)
+        retries = stamped[2] if isinstance(stamped, list) and len(stamped) == 3 else 0
+        headers[HEADER_LEASE] = [self.name, lease_id, retries]
+        try:
+            signature.apply_async(headers=headers, retry=True, retry_policy=_PUBLISH_RETRY)
+        except Exception as exc:  # the broker: the hand-over expires and is made again
+            logger.warning("throttle: could not publish parked %s of %r (handed over again later): %s",
+                           lease_id, self.name, exc)  # fmt: skip
+            return
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.count([self.limit], "handed_over")
+
+
+# Which semaphore a limit uses in this process ---------------------------------
+
+_semaphores: dict[tuple[int, int, str, int, float], TaskSemaphore] = {}
+_semaphores_lock = threading.Lock()
+
+
+def semaphore_for(
+    app: Celery, runtime: Runtime, limit: ConcurrencyLimit, tenant: str | None, expiry: float | None = None
+) -> TaskSemaphore:
+    """``limit``'s semaphore (``tenant``'s, if split per key) at the capacity in force now."""
+    name = limit.lease_name(tenant)
+    capacity = capacity_in_force(runtime, limit)
+    lease_expiry = limit.expiry if expiry is None else expiry
+    key = (id(app), id(runtime), name, capacity, lease_expiry)
+    found = _semaphores.get(key)
+    if found is None:
+        with _semaphores_lock:
+            if len(_semaphores) > 10_000:
+                _semaphores.clear()
+            found = _semaphores.setdefault(key, TaskSemaphore(app, runtime, name, capacity, lease_expiry))
+    return found
+
+
+def capacity_in_force(runtime: Runtime, limit: ConcurrencyLimit) -> int:
+    """The configured capacity, or an operator's (``throttle set NAME --concurrency N``)."""
+    try:
+        state = runtime.state()
+    except BackendUnavailable:
+        return limit.capacity
+    return state.in_force(limit.name, None).concurrency or limit.capacity
+
+
+def _expiry(task: Task, limit: ConcurrencyLimit) -> float:
+    """The limit's lease expiry, at most the task's hard time limit + a margin (a body dies by then)."""
+    hard = None
+    timelimit = getattr(task.request, "timelimit", None)
+    if isinstance(timelimit, (list, tuple)) and timelimit and timelimit[0]:
+        hard = timelimit[0]
+    hard = hard or task.time_limit or task.app.conf.task_time_limit
+    if isinstance(hard, (int, float)) and hard > 0:
+        return min(limit.expiry, float(hard) + TIME_LIMIT_MARGIN_S)
+    return limit.expiry
+
+
+# The gate's side -------------------------------------------------------------
+
+
+def acquire_leases(task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str, Any], budget: float) -> list[Lease]:
+    """A lease of each of the task's concurrency limits, or park it (raises ``Deferred``/``Ignore``).
+
+    All or nothing: a task refused by one limit gives back the leases it
+    took of the others before it parks.  ``budget``: how long it may wait.
+    """
+    runtime = runtime_for(task.app)
+    request = task.request
+    tenant = plan.tenant(args, kwargs)
+    about = f"{task.name}[{request.id}] {default_description()}"
+    handed = _handed(request)
+    held: list[Lease] = []
+    try:
+        for limit in plan.leases:
+            sem = semaphore_for(task.app, runtime, limit, tenant, _expiry(task, limit))
+            if handed is not None and handed[0] == sem.name:
+                reply = sem.call(LeaseMode.TAKE, handed[1], about=about)
+                if reply.granted:
+                    held.append(Lease(sem, handed[1], reply.server_time))
+                    continue
+                _not_taken(task, sem, reply, runtime)  # drops this copy, unless it is a redelivery
+            lease_id = f"{request.id}.{uuid.uuid4().hex[:12]}"
+            reply = sem.call(LeaseMode.ACQUIRE, lease_id, about=about)
+            if reply.granted:
+                held.append(Lease(sem, lease_id, reply.server_time))
+                continue
+            # Every lease is held: give back the others' (all or nothing), park here.
+            release_held(held)
+            held = []
+            _park(task, sem, runtime, lease_id, args, kwargs, budget, about)
+    except BaseException:
+        release_held(held)
+        raise
+    return held
+
+
+def _handed(request: Any) -> tuple[str, str] | None:
+    """(lease name, lease id) handed over to this delivery; None if none, or if the header is not this run's."""
+    value = header(request, HEADER_LEASE)
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        return None
+    name, lease_id, retries = value
+    try:
+        if int(retries) != int(request.retries or 0):
+            return None  # copied into a Celery retry: the retry starts afresh
+    except (TypeError, ValueError):
+        return None
+    return (str(name), str(lease_id))
+
+
+def _not_taken(task: Task, sem: TaskSemaphore, reply: LeaseReply, runtime: Runtime) -> None:
+    """A hand-over copy that could not take its lease: drop it, or (a redelivery) let it park afresh."""
+    request = task.request
+    if not reply.unknown:
+        # Its hand-over expired before it arrived: it is back in the queue,
+        # and its message will be published again with the next free lease.
+        logger.info("%s[%s] came late for its lease of %r: it waits in the queue", task.name, request.id, sem.name)
+        raise Ignore()
+    delivery = getattr(request, "delivery_info", None) or {}
+    if delivery.get("redelivered"):
+        logger.warning("%s[%s] redelivered after its lease of %r was taken up: running it again",
+                       task.name, request.id, sem.name)  # fmt: skip
+        return
+    logger.warning("%s[%s] dropped: a second copy of a task handed a lease of %r", task.name, request.id, sem.name)
+    if runtime.metrics is not None:
+        runtime.metrics.count([sem.limit], "duplicates")
+    raise Ignore()
+
+
+def _park(
+    task: Task, sem: TaskSemaphore, runtime: Runtime, lease_id: str, args: list[Any], kwargs: dict[str, Any],
+    budget: float, about: str,
+) -> None:  # fmt: skip
+    """Queue the task for ``sem``'s next free lease, its message as the payload; end this run."""
+    request = task.request
+    stamp = Stamp.read(request)
+    signature = outgoing(task, args, kwargs, stamp, 0.0, None)
+    signature.options["headers"][HEADER_LEASE] = [sem.name, lease_id, int(request.retries or 0)]
+    payload = pack(task, signature)
+    reply = sem.call(LeaseMode.WAIT, lease_id, about=about, stay=budget + _STAY_MARGIN_S, payload=payload)
+    if reply.granted:
+        # A lease was freed between the two calls: give it back, decide again
+        # (the task may hold other limits' leases to take first).
+        sem.call(LeaseMode.RELEASE, lease_id)
+        raise _Again(request.id)
+    try:
+        runtime.redis.zadd(leases_index(runtime.settings.prefix), {sem.name: reply.server_time})
+    except RedisError as exc:  # the next release of the limit hands it over all the same
+        logger.warning("could not index the queue of %r: %s", sem.name, exc)
+    deferred = Deferred(reply.wait, DeferralReason.CONCURRENCY.value, stamp.deferrals + 1, True)
+    logger.info("%s[%s] parked for a lease of %r (%d held, %d queued)",
+                task.name, request.id, sem.name, reply.held, reply.queued)  # fmt: skip
+    if runtime.metrics is not None:
+        runtime.metrics.count([sem.limit], "deferred:concurrency")
+        runtime.metrics.count([sem.limit], "parked")
+    signals.task_deferred.send(
+        sender=task, task_id=request.id, limits=[sem.name], wait=reply.wait,
+        reason=DeferralReason.CONCURRENCY.value, deferrals=stamp.deferrals + 1, parked=True,
+    )  # fmt: skip
+    raise deferred
+
+
+class _Again(Exception):
+    """A lease turned up between the refusal and the park: decide once more."""
+
+
+def acquire_or_park(task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str, Any]) -> list[Lease]:
+    """``acquire_leases``, deciding again (a few times) when a lease turned up while parking."""
+    budget = _budget_left(task)
+    for _ in range(3):
+        try:
+            return acquire_leases(task, plan, args, kwargs, budget)
+        except _Again:
+            continue
+    return acquire_leases(task, plan, args, kwargs, budget)
+
+
+def _budget_left(task: Task) -> float:
+    """Seconds this task may still wait (``throttle_max_defer`` since its first deferral)."""
+    limit = min(runtime_for(task.app).settings.max_defer, float(MAX_WAIT_SECONDS))
+    since = Stamp.read(task.request).since
+    if since is None:
+        return limit
+    return min(limit, max(1.0, limit - (time.time() - since)))
+
+
+# Held leases: renewed while the body runs, released when it ends ---------------
+
+_held: dict[tuple[str, int], list[Lease]] = {}
+_held_lock = threading.Lock()
+
+
+def hold(task_id: str, leases: list[Lease]) -> None:
+    """Keep ``leases`` renewed until this thread's body of ``task_id`` ends (``task_postrun``)."""
+    if not leases:
+        return
+    for lease in leases:
+        lease.__enter__()  # starts its renewer
+    with _held_lock:
+        _held[(task_id, threading.get_ident())] = leases
+
+
+def release_held(leases: Sequence[Lease]) -> None:
+    """Give ``leases`` back; one that cannot be (Redis down) expires by itself."""
+    for lease in leases:
+        try:
+            lease.__exit__(None, None, None)
+        except Exception as exc:  # never let a release hide the task's outcome
+            logger.warning("could not release lease %s of %r: %s", lease.id, lease.semaphore.name, exc)
+
+
+def _on_postrun(task_id: str | None = None, **_: Any) -> None:
+    if task_id is None or not _held:
+        return
+    with _held_lock:
+        leases = _held.pop((task_id, threading.get_ident()), None)
+    if leases:
+        release_held(leases)
+
+
+task_postrun.connect(_on_postrun, weak=False)
+
+
+def release_task(app: Celery, task: Task, task_id: str, args: Any, kwargs: Any) -> int:
+    """Release every lease of ``task_id`` from the worker's main process (its pool process died).
+
+    A hard time limit, a revoke with terminate or a killed pool process:
+    ``task_postrun`` never ran.  Returns how many leases were released.
+    """
+    plan = getattr(task, "_throttle_plan", None)
+    if plan is None or not plan.leases:
+        return 0
+    runtime = runtime_for(app)
+    try:
+        tenant = plan.tenant(list(args or ()), dict(kwargs or {}))
+    except Exception:  # the key function fails here too: the leases expire by themselves
+        tenant = None
+    released = 0
+    for limit in plan.leases:
+        try:
+            sem = semaphore_for(app, runtime, limit, tenant)
+            released += sem.call(LeaseMode.RELEASE_PREFIX, task_id + ".").count
+        except (RedisError, BackendUnavailable) as exc:
+            logger.warning("could not release the leases of %s (they expire by themselves): %s", task_id, exc)
+    if released:
+        logger.info("released %d lease(s) of %s[%s] whose process died", released, task.name, task_id)
+    return released
+
+
+# The sweeper ---------------------------------------------------------------
+
+
+class LeaseSweeper:
+    """Keeps parked tasks moving when no running task would: every ``SWEEP_S``,
+    each limit with parked tasks is looked at (expired leases reclaimed,
+    free ones handed over and their tasks published)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.runtime = runtime_for(app)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="throttle-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SWEEP_S):
+            try:
+                self.sweep()
+            except (RedisError, BackendUnavailable, OSError) as exc:
+                logger.warning("throttle lease sweeper: %s (retrying)", exc)
+            except Exception:  # never let the thread die: parked tasks depend on it
+                logger.exception("throttle lease sweeper failed; retrying")
+
+    def sweep(self) -> int:
+        """One look at every indexed queue of this app's limits; how many were looked at."""
+        index = leases_index(self.runtime.settings.prefix)
+        limits = self.runtime.settings.concurrency
+        looked = 0
+        entries: Any = self.runtime.redis.zrange(index, 0, -1, withscores=True)
+        for raw, parked_at in entries:
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            limit = limits.get(limit_of(name))
+            if limit is None:
+                continue  # another app's limit
+            tenant = name.partition(":")[2] or None
+            reply = semaphore_for(self.app, self.runtime, limit, tenant).call(LeaseMode.STATUS)
+            looked += 1
+            if reply.held == 0 and reply.queued == 0 and parked_at < reply.server_time - 60:
+                self.runtime.redis.zrem(index, name)
+        return looked
+
+
+_sweepers: dict[int, LeaseSweeper] = {}
+
+
+def start_sweeper(app: Celery) -> None:
+    if id(app) in _sweepers or not runtime_for(app).settings.concurrency:
+        return
+    sweeper = LeaseSweeper(app)
+    sweeper.start()
+    _sweepers[id(app)] = sweeper
+
+
+def stop_sweeper(app: Celery) -> None:
+    sweeper = _sweepers.pop(id(app), None)
+    if sweeper is not None:
+        sweeper.stop()
