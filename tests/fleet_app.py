@@ -169,36 +169,3 @@ def noop() -> None:
 def noop_throttled(self: ThrottledTask) -> None:
     """...and this one, the same body behind the gate."""
     _done()
-
-
-def _held(task: Any, n: int, seconds: float) -> int:
-    """A body that holds a concurrency lease for ``seconds``: its start and end recorded (Redis time)."""
-    record(task, n=n, phase="start")
-    time.sleep(seconds)
-    record(task, n=n, phase="end")
-    return n
-
-
-@app.task(bind=True, base=ThrottledTask, throttle="slots", name="fleet.held")
-def held(self: ThrottledTask, n: int, seconds: float) -> int:
-    """At most ``slots``' concurrency of these bodies run at once, fleet-wide."""
-    return _held(self, n, seconds)
-
-
-@app.task(bind=True, base=ThrottledTask, throttle="slots_rated", name="fleet.held_rated")
-def held_rated(self: ThrottledTask, n: int, seconds: float) -> int:
-    """A rate and a concurrency on one limit."""
-    return _held(self, n, seconds)
-
-
-@app.task(bind=True, base=ThrottledTask, throttle="slots", acks_late=True, reject_on_worker_lost=True,
-          name="fleet.held_late")  # fmt: skip
-def held_late(self: ThrottledTask, n: int, seconds: float) -> int:
-    """Acknowledged after the body: a killed worker's run is delivered again."""
-    return _held(self, n, seconds)
-
-
-@app.task(bind=True, base=ThrottledTask, throttle="slots", time_limit=1, name="fleet.held_limited")
-def held_limited(self: ThrottledTask, n: int, seconds: float) -> int:
-    """Killed by its hard time limit after 1 s."""
-    return _held(self, n, seconds)

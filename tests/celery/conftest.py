@@ -27,8 +27,6 @@ DEFAULT_LIMITS = {
     "tenant": {"rate": "5/s", "burst": 1},
     "paths": {"rate": "10/s", "burst": 1, "per_key": False},
     "paths_tenant": {"rate": "5/s", "burst": 1},
-    "slots": {"concurrency": 3},
-    "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3},
 }
 
 

@@ -27,6 +27,13 @@ from throttle.testing.windows import Segment, violations
 
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
+APP = "tests.concurrency_app"
+SLOTS = {"slots": {"concurrency": 3}, "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3}}
+
+
+def start(fleet_factory: Any, broker_name: str, limits: dict[str, Any], **kwargs: Any) -> Fleet:
+    return fleet_factory(broker(broker_name), {**SLOTS, **limits}, app_module=APP, **kwargs)
+
 
 def intervals(fleet: Fleet) -> tuple[list[tuple[float, float, str]], list[tuple[float, str]]]:
     """Finished bodies as (start, end, id); bodies that started and never ended as (start, id)."""
@@ -80,7 +87,7 @@ def test_fleet_holds_the_concurrency_and_keeps_it_full(fleet_factory: Any) -> No
     Never more than 3 in flight; time-weighted mean in flight >= 2.7
     (a freed lease goes to the next task in one broker hop); each task once.
     """
-    fleet = fleet_factory(broker("redis"), {"slots": {"concurrency": 3}}, workers=4, concurrency=4)
+    fleet = start(fleet_factory, "redis", {}, workers=4, concurrency=4)
     rng = random.Random(15)
     ids = fleet.send("fleet.held", [(i, round(rng.uniform(0.2, 0.6), 3)) for i in range(200)])
     done = wait_ends(fleet, 200, 120)
@@ -95,7 +102,7 @@ def test_fleet_holds_the_concurrency_and_keeps_it_full(fleet_factory: Any) -> No
 
 def test_rate_and_concurrency_hold_together(fleet_factory: Any) -> None:
     """Concurrency 3 and 10/s (burst 1) on one limit: both bounds hold at once."""
-    fleet = fleet_factory(broker("redis"), {}, workers=3, concurrency=4)
+    fleet = start(fleet_factory, "redis", {}, workers=3, concurrency=4)
     rng = random.Random(7)
     # Short bodies: the rate binds (10/s x 0.1 s = 1 in flight); long ones: the concurrency.
     calls = [(i, round(rng.uniform(0.05, 0.15) if i < 30 else rng.uniform(0.4, 0.8), 3)) for i in range(60)]
@@ -118,8 +125,8 @@ def test_a_killed_worker_frees_its_leases_within_the_expiry(fleet_factory: Any) 
     throughout and every task ends exactly once.
     """
     expiry = 2.0
-    fleet = fleet_factory(
-        broker("rabbitmq"), {"slots": {"concurrency": 3, "lease_expiry": expiry}}, workers=3, concurrency=2
+    fleet = start(
+        fleet_factory, "rabbitmq", {"slots": {"concurrency": 3, "lease_expiry": expiry}}, workers=3, concurrency=2
     )
     ids = fleet.send("fleet.held_late", [(i, 1.0) for i in range(24)])
     # Wait until some worker runs at least one body, then kill that worker whole.
@@ -167,7 +174,7 @@ def _children(pid: int) -> set[int]:
 
 def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any) -> None:
     """A body killed by its hard time limit (1 s) gives its lease back at once, not at its expiry."""
-    fleet = fleet_factory(broker("redis"), {"slots": {"concurrency": 1, "lease_expiry": 60}}, workers=1, concurrency=2)
+    fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1, "lease_expiry": 60}}, workers=1, concurrency=2)
     fleet.send("fleet.held_limited", [(0, 5.0)])
     time.sleep(0.3)
     fleet.send("fleet.held", [(1, 0.1)])

@@ -1,0 +1,88 @@
+"""lease.lua's side for parked Celery tasks: payloads kept until taken up, lost hand-overs re-queued.
+
+A parked task is not a process that waits: its payload (its message) is all
+there is of it.  These tests drive the script directly (a real redis-server)
+the way ``throttle.celery.leases`` does, with short holds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from throttle.keys import LeaseKeys
+from throttle.semaphore import LeaseMode, LeaseReply, Semaphore
+
+
+class Raw(Semaphore):
+    """A semaphore whose calls take a payload and return the raw reply (handed-over payloads included)."""
+
+    handover_hold = 0.3
+
+    def do(self, mode: LeaseMode, lease_id: str = "", payload: bytes = b"", stay: float = 60.0) -> LeaseReply:
+        args = self._args(mode, lease_id, about="test", stay=stay, payload=payload)
+        return LeaseReply.parse(self._script(keys=self._key_list, args=args))
+
+
+def test_a_payload_is_handed_over_and_kept_until_taken_up(r: redis.Redis, prefix: str) -> None:
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    assert sem.do(LeaseMode.ACQUIRE, "holder").granted
+    assert not sem.do(LeaseMode.WAIT, "task-1.a", b"message-1").granted
+    reply = sem.do(LeaseMode.RELEASE, "holder")
+    assert reply.handed == (("task-1.a", b"message-1"),)
+    keys = LeaseKeys(prefix, "api")
+    assert r.hget(keys.payloads, "task-1.a") == b"message-1", "kept until the task takes its lease up"
+    taken = sem.do(LeaseMode.TAKE, "task-1.a")
+    assert taken.granted and taken.held == 1
+    assert r.hget(keys.payloads, "task-1.a") is None
+    # A second copy of the same hand-over: unknown, dropped by the gate.
+    again = sem.do(LeaseMode.TAKE, "task-1.a")
+    assert not again.granted and again.unknown
+
+
+def test_a_hand_over_never_taken_up_goes_back_to_the_head_of_the_queue(r: redis.Redis, prefix: str) -> None:
+    """The published message was lost: after the hold, the task is handed over (published) again, first."""
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "first", b"m1")
+    sem.do(LeaseMode.WAIT, "second", b"m2")
+    assert sem.do(LeaseMode.RELEASE, "holder").handed == (("first", b"m1"),)
+    time.sleep(0.4)  # past the hold: "first" never came
+    reply = sem.do(LeaseMode.STATUS)
+    assert reply.reclaimed == 1
+    assert reply.handed == (("first", b"m1"),), "handed over again, before 'second'"
+    assert sem.do(LeaseMode.TAKE, "first").granted
+
+
+def test_a_late_copy_finds_its_task_queued_again_and_is_not_a_duplicate(r: redis.Redis, prefix: str) -> None:
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "late", b"m")
+    sem.do(LeaseMode.RELEASE, "holder")
+    sem.do(LeaseMode.ACQUIRE, "newcomer")  # refused: the lease is kept for "late"
+    time.sleep(0.4)
+    # The hold expired and nobody looked yet: the late copy's own call re-queues
+    # it at the head and hands the lease over again; it takes it up.
+    assert sem.do(LeaseMode.TAKE, "late").granted
+
+
+def test_release_prefix_frees_every_lease_of_one_task(r: redis.Redis, prefix: str) -> None:
+    sem = Raw(r, "api", 3, expiry=30, prefix=prefix)
+    for lease in ("t1.a", "t1.b", "t2.a"):
+        assert sem.do(LeaseMode.ACQUIRE, lease).granted
+    reply = sem.do(LeaseMode.RELEASE_PREFIX, "t1.")
+    assert reply.count == 2 and reply.held == 1
+    assert [h.lease_id for h in sem.holders()] == ["t2.a"]
+
+
+def test_a_waiting_payload_outlives_the_holders_expiry(r: redis.Redis, prefix: str) -> None:
+    """The keys' TTL follows the parked tasks' stay, not only the leases': a payload never expires with a lease."""
+    sem = Raw(r, "api", 1, expiry=0.2, prefix=prefix)
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "parked", b"m", stay=60)
+    keys = LeaseKeys(prefix, "api")
+    assert r.pttl(keys.payloads) > 50_000
+    time.sleep(0.3)
+    reply = sem.do(LeaseMode.STATUS)
+    assert reply.handed == (("parked", b"m"),)
