@@ -154,7 +154,7 @@ def _limits_table(described: dict[str, LimitStatus]) -> Any:
 
     table = Table(title="throttle limits")
     # Short headers: the table fits an 80-column terminal.
-    for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "ver", "parked"):
+    for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "ver", "parked", "in flight"):
         table.add_column(col, justify="left" if col in ("limit", "mode", "source") else "right",
                          no_wrap=col in ("tokens", "mode"))  # fmt: skip
     for name, status in described.items():
@@ -164,8 +164,12 @@ def _limits_table(described: dict[str, LimitStatus]) -> Any:
         parked = f"{'>=' if status.parked_partial else ''}{status.parked}" if status.parked else ""
         if status.next_release_in is not None:
             parked += f" (next in {status.next_release_in:.0f}s)"
+        flight = ""
+        if status.concurrency is not None:
+            held = "per key" if status.in_flight is None else str(status.in_flight)
+            flight = f"{held}/{status.concurrency}" + (f" +{status.waiting} waiting" if status.waiting else "")
         table.add_row(name, _fmt(status.rate), _fmt(status.burst), f.mode, status.source, tokens, paused,
-                      str(f.version), parked)  # fmt: skip
+                      str(f.version), parked, flight)  # fmt: skip
     return table
 
 
@@ -210,7 +214,7 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
     if key is not None and not key:
         raise click.BadParameter("must not be empty", param_hint="--key")
     status = obj.describe(only=name, key=key)[name]
-    if status.in_force.configured is None and status.in_force.override is None:
+    if status.in_force.configured is None and status.in_force.override is None and status.concurrency is None:
         _fail(f"unknown limit {name!r}: not in any worker's config and not set live")
     info = status.as_json()
     info["metrics"] = summarise(read_metrics(obj.client, obj.prefix, [name])[name])
@@ -225,6 +229,9 @@ def inspect(obj: Context, name: str, key: str | None, as_json: bool) -> None:
         if info.get(field) is not None:
             console.print(f"{field}: {info[field]}")
     console.print("counters: " + ", ".join(f"{k} {v:g}" for k, v in info["metrics"].items()))
+    for holder in status.holders:
+        console.print(f"lease {holder.lease_id}: {holder.description}, held {holder.held_for:.1f}s, "
+                      f"expires in {holder.expires_in:.1f}s unless renewed", highlight=False)  # fmt: skip
 
 
 def _known(obj: Context, name: str, force: bool) -> None:
@@ -239,23 +246,33 @@ def _known(obj: Context, name: str, force: bool) -> None:
 @click.option("--rate", default=None, help="tokens per time, e.g. 20/s, 100/m, 5000/h")
 @click.option("--burst", type=click.IntRange(min=1), default=None, help="tokens the bucket holds")
 @click.option("--mode", type=click.Choice(MODES), default=None, help="enforce, or shadow (count, never defer)")
+@click.option("--concurrency", type=click.IntRange(1, 1_000_000), default=None, help="leases held at once")
 @click.option("--force", is_flag=True, help="also for a limit no worker has published")
 @click.pass_obj
-def set_(obj: Context, name: str, rate: str | None, burst: int | None, mode: LimitMode | None, force: bool) -> None:
-    """Override a limit's rate, burst or mode for the whole fleet, now."""
-    if rate is None and burst is None and mode is None:
-        raise click.UsageError("give at least one of --rate, --burst, --mode")
+def set_(
+    obj: Context, name: str, rate: str | None, burst: int | None, mode: LimitMode | None, concurrency: int | None,
+    force: bool,
+) -> None:  # fmt: skip
+    """Override a limit's rate, burst, mode or concurrency for the whole fleet, now."""
+    if rate is None and burst is None and mode is None and concurrency is None:
+        raise click.UsageError("give at least one of --rate, --burst, --mode, --concurrency")
     try:
-        Override(rate, burst, mode)
+        Override(rate, burst, mode, concurrency)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--rate/--burst") from exc
-    _known(obj, name, force)
-    version = obj.live.set(name, rate, burst, mode)
+    if not force and name not in obj.live.configured() and name in obj.live.configured_concurrency():
+        if rate is not None or burst is not None:
+            _fail(f"{name!r} is a concurrency limit (no rate configured); add --force to give it a rate")
+    else:
+        _known(obj, name, force)
+    version = obj.live.set(name, rate, burst, mode, concurrency)
     status = obj.describe(only=name, scheduled=True)[name]
-    click.echo(
-        f"{name}: {_fmt(status.rate)}/s burst {status.burst} mode {status.in_force.mode} "
-        f"(version {version}, in force fleet-wide in {CHANGE_DELAY_S:g}s)"
-    )
+    mode_now = status.in_force.mode
+    rate_part = "" if status.rate is None else f"{_fmt(status.rate)}/s burst {status.burst} mode {mode_now} "
+    concurrency_part = "" if status.scheduled is None or status.scheduled.concurrency is None else (
+        f"concurrency {status.scheduled.concurrency} "
+    )  # fmt: skip
+    click.echo(f"{name}: {rate_part}{concurrency_part}(version {version}, in force fleet-wide in {CHANGE_DELAY_S:g}s)")
 
 
 @cli.command()

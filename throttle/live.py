@@ -49,7 +49,7 @@ from redis.exceptions import RedisError
 
 from . import script as scripts
 from .keys import LiveKeys
-from .limit import MODES, Limit, LimitMode, NamedLimit
+from .limit import MODES, ConcurrencyLimit, Limit, LimitMode, NamedLimit
 from .live_state import InForce, LiveState, Override, Pending
 
 __all__ = ["LiveLimits", "LiveState", "InForce", "Override", "Pending", "REFRESH_S", "CHANGE_DELAY_S", "STATE_TTL_S"]
@@ -150,11 +150,18 @@ class LiveLimits:
             read_at=time.monotonic(),
         )
 
-    def publish_configured(self, limits: Mapping[str, NamedLimit]) -> None:
-        """Tell the CLI what the workers' config says."""
-        if not limits:
+    def publish_configured(
+        self, limits: Mapping[str, NamedLimit], concurrency: Mapping[str, ConcurrencyLimit] | None = None
+    ) -> None:
+        """Tell the CLI what the workers' config says (rates, and concurrency limits)."""
+        entries: dict[str, dict[str, Any]] = {name: published(nl) for name, nl in limits.items()}
+        for name, cl in (concurrency or {}).items():
+            entries.setdefault(name, {"per_key": cl.per_key}).update(
+                {"concurrency": cl.capacity, "lease_expiry": cl.expiry}
+            )
+        if not entries:
             return
-        mapping = {name: json.dumps(published(nl)) for name, nl in limits.items()}
+        mapping = {name: json.dumps(entry) for name, entry in entries.items()}
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.configured_key, mapping=mapping)
         pipe.expire(self.configured_key, STATE_TTL_S)
@@ -168,16 +175,35 @@ class LiveLimits:
         for key, raw in self.redis.hgetall(self.configured_key).items():
             name = _decode(key)
             try:
-                out[name] = from_published(name, json.loads(raw))
+                data = json.loads(raw)
+                if isinstance(data, dict) and "rate" not in data and "concurrency" in data:
+                    continue  # a concurrency limit only (configured_concurrency)
+                out[name] = from_published(name, data)
             except (ValueError, TypeError, KeyError) as exc:
                 logger.warning("ignoring the published config of %r: %s", name, exc)
+        return out
+
+    def configured_concurrency(self) -> dict[str, ConcurrencyLimit]:
+        """The concurrency limits the workers published; unreadable entries are skipped."""
+        out: dict[str, ConcurrencyLimit] = {}
+        for key, raw in self.redis.hgetall(self.configured_key).items():
+            name = _decode(key)
+            try:
+                data = json.loads(raw)
+                if isinstance(data, dict) and "concurrency" in data:
+                    out[name] = ConcurrencyLimit(
+                        name, int(data["concurrency"]), bool(data.get("per_key", True)), float(data["lease_expiry"])
+                    )
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning("ignoring the published concurrency of %r: %s", name, exc)
         return out
 
     def in_force(self, only: str | None = None, scheduled: bool = False) -> dict[str, InForce]:
         """Every known limit (configured or live), or ``only``, as in force now (or once scheduled)."""
         configured = self.configured()
         state = self.read()
-        names = [only] if only is not None else sorted(set(configured) | state.names())
+        known = set(configured) | state.names() | set(self.configured_concurrency())
+        names = [only] if only is not None else sorted(known)
         return {name: state.in_force(name, configured.get(name), scheduled) for name in names}
 
     def set(

@@ -14,9 +14,11 @@ from typing import Any
 
 from .bucket import TokenBucket
 from .keys import bucket_name, limit_of, room_of
+from .limit import ConcurrencyLimit
 from .live import InForce, LiveLimits, published
 from .metrics import read_metrics, summarise
 from .room import WaitingRoom
+from .semaphore import Holder, LeaseMode, LeaseReply, Semaphore
 
 __all__ = ["LimitStatus", "describe", "bucket_of", "WatchRow", "WatchSampler"]
 
@@ -37,6 +39,10 @@ class LimitStatus:
     last_release_in: float | None = None  # seconds until its last (when the backlog is through)
     oldest_parked_for: float | None = None  # seconds the task parked longest ago has been waiting there
     parked_partial: bool = False  # more rooms than MAX_ROOMS_READ: the figures cover the first due only
+    concurrency: int | None = None  # leases at once (a concurrency limit), as in force now
+    in_flight: int | None = None  # leases held now (the tenant's, with a key; None for per key without one)
+    waiting: int | None = None  # tasks parked for a lease
+    holders: tuple[Holder, ...] = ()  # who holds them: lease id (task id.suffix), task, host, pid
 
     @property
     def name(self) -> str:
@@ -80,6 +86,15 @@ class LimitStatus:
         if self.bucket is not None:
             info["next_token_in"] = self.next_token_in
             info["full_in"] = self.full_in
+        if self.concurrency is not None:
+            info["concurrency"] = self.concurrency
+            info["in_flight"] = self.in_flight
+            info["waiting"] = self.waiting
+            info["holders"] = [
+                {"lease": h.lease_id, "holder": h.description, "held_for": round(h.held_for, 3),
+                 "expires_in": round(h.expires_in, 3)}
+                for h in self.holders
+            ]  # fmt: skip
         if self.scheduled is not None and f.change_in > 0:
             then = self.scheduled
             info["scheduled"] = {
@@ -100,10 +115,51 @@ def describe(
     live = LiveLimits(client, prefix)
     now, then = live.in_force(only, scheduled), live.in_force(only, scheduled=True)
     parked = _parked(client, prefix, list(now), key)
+    concurrency = live.configured_concurrency()
     return {
-        name: replace(_status(client, prefix, f, key), scheduled=then.get(name), **parked.get(name, {}))
+        name: replace(
+            _status(client, prefix, f, key),
+            scheduled=then.get(name),
+            **parked.get(name, {}),
+            **_leases(client, prefix, f, concurrency.get(name), key),
+        )
         for name, f in now.items()
     }
+
+
+def _leases(
+    client: Any, prefix: str, in_force: InForce, configured: ConcurrencyLimit | None, key: str | None
+) -> dict[str, Any]:
+    """A concurrency limit's leases now: capacity, held, parked tasks, holders (nothing for a rate limit).
+
+    A look only: this call hands no lease over (an operator's command could
+    not publish the parked task it went to).
+    """
+    capacity = in_force.concurrency or (configured.capacity if configured is not None else None)
+    if capacity is None:
+        return {}
+    # Without a key: the limit's own leases (those of tasks that give no key).
+    per_key = configured.per_key if configured is not None else False
+    name = in_force.name if key is None or not per_key else f"{in_force.name}:{key}"
+    look = _Look(client, name, capacity, prefix=prefix)
+    reply, holders = look.look()
+    return {"concurrency": capacity, "in_flight": reply.held, "waiting": reply.queued, "holders": tuple(holders)}
+
+
+def _any_name(value: object) -> str:
+    return str(value)
+
+
+class _Look(Semaphore):
+    _check_name = staticmethod(_any_name)
+
+    def look(self) -> tuple[LeaseReply, list[Holder]]:
+        reply = LeaseReply.parse(self._script(keys=self._key_list, args=self._args(LeaseMode.STATUS, hand_over=False)))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.holders, 0, -1, withscores=True)
+        pipe.hgetall(self.keys.about)
+        scores, about = pipe.execute()
+        return reply, sorted(self._holders(reply.server_time, scores, about), key=lambda h: -h.held_for)
 
 
 #: ``list``, ``watch`` and a Prometheus scrape read at most this many rooms

@@ -32,7 +32,8 @@ SLOTS = {"slots": {"concurrency": 3}, "slots_rated": {"rate": "10/s", "burst": 1
 
 
 def start(fleet_factory: Any, broker_name: str, limits: dict[str, Any], **kwargs: Any) -> Fleet:
-    return fleet_factory(broker(broker_name), {**SLOTS, **limits}, app_module=APP, **kwargs)
+    fleet: Fleet = fleet_factory(broker(broker_name), {**SLOTS, **limits}, app_module=APP, **kwargs)
+    return fleet
 
 
 def intervals(fleet: Fleet) -> tuple[list[tuple[float, float, str]], list[tuple[float, str]]]:
@@ -187,3 +188,39 @@ def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any) -> None:
     assert second - first < 3.0, f"second body started {second - first:.1f}s after the first"
     assert not any(r["n"] == 0 and r.get("phase") == "end" for r in records)
     assert lease_holders(fleet) == []
+
+
+def test_operators_see_holders_and_raise_the_concurrency_live(fleet_factory: Any) -> None:
+    """``throttle list/inspect`` show in flight, waiting and holders; ``throttle set --concurrency`` acts at once."""
+    import json
+
+    from throttle.cli import main
+
+    fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1}}, workers=2, concurrency=4)
+    ids = fleet.send("fleet.held", [(i, 1.5) for i in range(12)])
+    base = ["--redis-url", fleet.throttle_redis_url, "--prefix", f"throttle-{fleet.queue}"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not intervals(fleet)[1]:
+        time.sleep(0.1)
+    out = _cli(main, [*base, "inspect", "slots", "--json"])
+    info = json.loads(out)["slots"]
+    assert info["concurrency"] == 1 and info["in_flight"] == 1 and info["waiting"] >= 5, info
+    holder = info["holders"][0]
+    assert holder["lease"].split(".")[0] in ids and "fleet.held[" in holder["holder"], holder
+    assert "concurrency 3" in _cli(main, [*base, "set", "slots", "--concurrency", "3"])
+    done = wait_ends(fleet, 12, 60)
+    assert sorted(i for _, _, i in done) == sorted(ids)
+    # Once the change is in force (CHANGE_DELAY_S, then the sweeper's look), 3 at once; never more.
+    peak, _ = in_flight([(s, e) for s, e, _ in done])
+    assert peak == 3, f"peak {peak} after raising the concurrency to 3"
+
+
+def _cli(main: Any, argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    assert code == 0, buf.getvalue()
+    return buf.getvalue()

@@ -64,7 +64,7 @@ class Runtime:
             return
         self._published = True
         try:
-            self.live.publish_configured(self.settings.limits)
+            self.live.publish_configured(self.settings.limits, self.settings.concurrency)
         except RedisError as exc:  # Redis down: the gate will say so; the CLI can wait
             logger.debug("could not publish the configured limits: %s", exc)
 
