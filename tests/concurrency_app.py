@@ -11,8 +11,10 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Ignore, Reject
 
-from tests.fleet_app import record
+from tests.fleet_app import RECORD_KEY, record, recorder
+from throttle import RateLimited
 from throttle.celery import ThrottledTask
 from worker.config import celery_config
 
@@ -51,4 +53,47 @@ def held_late(self: ThrottledTask, n: int, seconds: float) -> int:
 @app.task(bind=True, base=ThrottledTask, throttle="slots", time_limit=1, name="fleet.held_limited")
 def held_limited(self: ThrottledTask, n: int, seconds: float) -> int:
     """Killed by its hard time limit after 1 s."""
+    return _held(self, n, seconds)
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="slots", soft_time_limit=0.5, autoretry_for=(ValueError,),
+          max_retries=1, default_retry_delay=0, name="fleet.held_path")  # fmt: skip
+def held_path(self: ThrottledTask, n: int, how: str) -> int:
+    """A body of concurrency limit ``slots`` that ends the way ``how`` says, on its first attempt.
+
+    Every way must give the lease back at once: with ``lease_expiry`` 60 s a
+    leaked lease would stall the next task for a minute.
+    """
+    attempt = int(recorder().incr(f"{RECORD_KEY}:attempt:{self.request.id}"))
+    record(self, n=n, phase="start", how=how, attempt=attempt)
+    try:
+        if attempt > 1 or how == "ok":
+            time.sleep(0.05)
+            return n
+        if how == "raise":
+            raise KeyError("the body failed")
+        if how == "retry":
+            raise self.retry(countdown=0)
+        if how == "autoretry":
+            raise ValueError("autoretry_for turns this into a retry")
+        if how == "ratelimited":
+            raise RateLimited(retry_after=0.1)
+        if how == "ignore":
+            raise Ignore()
+        if how == "reject":
+            raise Reject("rejected by the body", requeue=False)
+        if how == "soft":
+            time.sleep(2)  # SoftTimeLimitExceeded at 0.5 s (prefork)
+        raise AssertionError(how)
+    finally:
+        record(self, n=n, phase="end", how=how, attempt=attempt)
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="slots", time_limit=1, name="fleet.held_stuck")
+def held_stuck(self: ThrottledTask, n: int, seconds: float) -> int:
+    """Killed by its hard time limit while deaf to SIGTERM (a body stuck in C code):
+    the pool's SIGKILL ends it, nothing in the process runs after."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     return _held(self, n, seconds)

@@ -173,10 +173,16 @@ def _children(pid: int) -> set[int]:
         return set()
 
 
-def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any) -> None:
-    """A body killed by its hard time limit (1 s) gives its lease back at once, not at its expiry."""
+@pytest.mark.parametrize("task", ["fleet.held_limited", "fleet.held_stuck"])
+def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any, task: str) -> None:
+    """A body killed by its hard time limit (1 s) gives its lease back at once, not at its expiry.
+
+    ``held_limited`` ends on the pool's SIGTERM (its process releases);
+    ``held_stuck`` is deaf to it and dies by the SIGKILL 0.1 s later (the
+    worker's main process releases for it).
+    """
     fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1, "lease_expiry": 60}}, workers=1, concurrency=2)
-    fleet.send("fleet.held_limited", [(0, 5.0)])
+    fleet.send(task, [(0, 5.0)])
     time.sleep(0.3)
     fleet.send("fleet.held", [(1, 0.1)])
     done = wait_ends(fleet, 1, 30)
@@ -224,3 +230,32 @@ def _cli(main: Any, argv: list[str]) -> str:
         code = main(argv)
     assert code == 0, buf.getvalue()
     return buf.getvalue()
+
+
+PATHS = ["ok", "raise", "retry", "autoretry", "ratelimited", "ignore", "reject"]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_every_way_a_body_ends_gives_the_lease_back(fleet_factory: Any, pool: str) -> None:
+    """Success, exception, retry, autoretry, RateLimited, Ignore, Reject (and, prefork, a soft time limit).
+
+    Concurrency 1, lease_expiry 60 s: a lease not given back would stall the
+    next task for a minute; all of them pass within 30 s, one at a time.
+    """
+    paths = PATHS + (["soft"] if pool == "prefork" else [])
+    fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1, "lease_expiry": 60}}, workers=2,
+                  concurrency=3, pool=pool)  # fmt: skip
+    started = time.monotonic()
+    ids = fleet.send("fleet.held_path", [(i, how) for i, how in enumerate(paths)])
+    again = {"retry", "autoretry", "ratelimited"}  # these run a second attempt
+    expected = len(paths) + len(again)
+    done = wait_ends(fleet, expected, 40)
+    took = time.monotonic() - started
+    assert len(done) == expected, f"{len(done)} of {expected} bodies ended in {took:.0f}s; see {fleet.log_dir}"
+    assert took < 30
+    by_how = Counter(r["how"] for r in fleet.records() if r.get("phase") == "end")
+    assert by_how == Counter({how: 2 if how in again else 1 for how in paths}), by_how
+    peak, _ = in_flight([(s, e) for s, e, _ in done])
+    assert peak == 1
+    assert lease_holders(fleet) == []
+    assert set(ids) == {i for _, _, i in done}

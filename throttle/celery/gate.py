@@ -182,8 +182,10 @@ class Gate:
         """The body hit the remote API's limit: pause the fleet, defer this task.
 
         Always deferred, even for ``Retry-After: 0``: this delivery's body
-        already ran, so running it again needs a token of its own.  Returns
-        (without deferring) only when no limit of the task is enforced.
+        already ran, so running it again needs a token of its own.  A task
+        with only a concurrency limit is deferred by ``retry_after`` (no
+        bucket to pause).  Returns (without deferring) only when no limit of
+        the task is enforced.
         """
         seconds = min(exc.retry_after, float(MAX_WAIT_SECONDS))
         logger.warning(
@@ -193,6 +195,11 @@ class Gate:
         )  # fmt: skip
         try:
             if not self._load().enforce:
+                if self.plan.leases:
+                    # A concurrency limit only: no bucket to pause; this
+                    # task waits what it was told (its lease is given back
+                    # as the body ended), at no cost to its retries.
+                    self._defer(seconds, DeferralReason.RATE_LIMITED)
                 return  # shadow limits only: nothing to pause; the error stays the task's
             self.buckets.pause(seconds)
             self._count("paused")
