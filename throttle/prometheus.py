@@ -68,8 +68,33 @@ class ThrottleCollector:
         duplicates = CounterMetricFamily(
             "throttle_release_duplicates", "Second copies of released tasks the gate dropped", labels=["limit"]
         )
+        capacity = GaugeMetricFamily(
+            "throttle_concurrency", "Leases a concurrency limit allows at once", labels=["limit"]
+        )
+        in_flight = GaugeMetricFamily(
+            "throttle_in_flight", "Leases held now: bodies of a concurrency limit running", labels=["limit"]
+        )
+        lease_waiting = GaugeMetricFamily(
+            "throttle_lease_waiting", "Tasks parked for a lease of a concurrency limit", labels=["limit"]
+        )
+        expiries = CounterMetricFamily(
+            "throttle_lease_expiries",
+            "Leases that expired unreleased (a killed or frozen worker)",
+            labels=["limit"],
+        )
+        handovers = CounterMetricFamily(
+            "throttle_lease_handovers", "Freed leases handed to a parked task (its message published)", labels=["limit"]
+        )
         for name, status in described.items():
             fields = metrics.get(name, {})
+            if status.concurrency is not None:
+                capacity.add_metric([name], status.concurrency)
+                if status.in_flight is not None:
+                    in_flight.add_metric([name], status.in_flight)
+                if status.waiting is not None:
+                    lease_waiting.add_metric([name], status.waiting)
+                expiries.add_metric([name], fields.get("lease_expiries", 0.0))
+                handovers.add_metric([name], fields.get("handed_over", 0.0))
             parked.add_metric([name], status.parked)
             if status.oldest_parked_for is not None:
                 oldest.add_metric([name], status.oldest_parked_for)
@@ -102,4 +127,5 @@ class ThrottleCollector:
         scrape.add_metric([], time.monotonic() - started)
         yield from (admitted, deferred, pauses, errors, shadow, wait, rate, burst, pause_left, shadow_mode, tokens)
         yield from (parked, oldest, parked_total, duplicates)
+        yield from (capacity, in_flight, lease_waiting, expiries, handovers)
         yield scrape

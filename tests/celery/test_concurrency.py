@@ -162,6 +162,11 @@ def test_a_killed_worker_frees_its_leases_within_the_expiry(fleet_factory: Any) 
     assert all(starts[i] == 2 for i in killed_running), {i: starts[i] for i in killed_running}
     peak, _ = in_flight([(s, e) for s, e, _ in done])
     assert peak <= 3
+    # Counted as expiries (flushed by the workers once a second).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and 'throttle_lease_expiries_total{limit="slots"} 0.0' in _scrape(fleet):
+        time.sleep(0.5)
+    assert 'throttle_lease_expiries_total{limit="slots"} 0.0' not in _scrape(fleet)
     print(f"killed worker: leases of {len(killed_running)} running tasks freed {freed_after:.2f}s after the kill")
 
 
@@ -213,6 +218,10 @@ def test_operators_see_holders_and_raise_the_concurrency_live(fleet_factory: Any
     assert info["concurrency"] == 1 and info["in_flight"] == 1 and info["waiting"] >= 5, info
     holder = info["holders"][0]
     assert holder["lease"].split(".")[0] in ids and "fleet.held[" in holder["holder"], holder
+    scrape = _scrape(fleet)
+    assert 'throttle_in_flight{limit="slots"} 1.0' in scrape
+    assert 'throttle_concurrency{limit="slots"} 1.0' in scrape
+    assert 'throttle_lease_waiting{limit="slots"}' in scrape
     assert "concurrency 3" in _cli(main, [*base, "set", "slots", "--concurrency", "3"])
     done = wait_ends(fleet, 12, 60)
     assert sorted(i for _, _, i in done) == sorted(ids)
@@ -259,3 +268,18 @@ def test_every_way_a_body_ends_gives_the_lease_back(fleet_factory: Any, pool: st
     assert peak == 1
     assert lease_holders(fleet) == []
     assert set(ids) == {i for _, _, i in done}
+
+
+def _scrape(fleet: Fleet) -> str:
+    """What Prometheus would read from ``throttle metrics`` now."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from throttle.prometheus import ThrottleCollector
+
+    client = redis.Redis.from_url(fleet.throttle_redis_url)
+    try:
+        registry = CollectorRegistry()
+        registry.register(ThrottleCollector(client, f"throttle-{fleet.queue}"))
+        return generate_latest(registry).decode()
+    finally:
+        client.close()

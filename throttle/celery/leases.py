@@ -50,7 +50,7 @@ from ..keys import limit_of, own_key
 from ..limit import MAX_WAIT_SECONDS, ConcurrencyLimit
 from ..semaphore import Lease, LeaseMode, LeaseReply, Semaphore, default_description
 from . import signals
-from .deferral import _PUBLISH_RETRY, HEADER_LEASE, DeferralReason, Deferred, Stamp, header, outgoing
+from .deferral import _PUBLISH_RETRY, HEADER_LEASE, DeferralReason, Deferred, Stamp, header, outgoing, resend
 from .parking import pack, unpack
 from .runtime import Runtime, runtime_for
 
@@ -335,12 +335,21 @@ class _Again(Exception):
 def acquire_or_park(task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str, Any]) -> list[Lease]:
     """``acquire_leases``, deciding again (a few times) when a lease turned up while parking."""
     budget = _budget_left(task)
-    for _ in range(3):
+    for attempt in range(4):
         try:
-            return acquire_leases(task, plan, args, kwargs, budget)
+            leases = acquire_leases(task, plan, args, kwargs, budget)
+            break
         except _Again:
-            continue
-    return acquire_leases(task, plan, args, kwargs, budget)
+            if attempt == 3:
+                # Leases keep coming and going between our two calls: send
+                # the task again to decide in a moment (never lost).
+                stamp = Stamp.read(task.request)
+                resend(task, args, kwargs, stamp, 0.05, 0.05, None)
+                raise Deferred(0.05, DeferralReason.CONCURRENCY.value, stamp.deferrals + 1, False) from None
+    metrics = runtime_for(task.app).metrics
+    if metrics is not None and not plan.limits:  # with a rate, the rate gate counts the admission
+        metrics.count([limit.name for limit in plan.leases], "admitted:now")
+    return leases
 
 
 def _budget_left(task: Task) -> float:
