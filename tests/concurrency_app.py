@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
-from tests.fleet_app import RECORD_KEY, record, recorder
+from tests.fleet_app import RECORD_KEY, _done, record, recorder
 from throttle import RateLimited
 from throttle.celery import ThrottledTask
 from worker.config import celery_config
@@ -97,3 +97,15 @@ def held_stuck(self: ThrottledTask, n: int, seconds: float) -> int:
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     return _held(self, n, seconds)
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="slots", name="fleet.noop_slots")
+def noop_slots(self: ThrottledTask) -> None:
+    """A no-op body behind a concurrency limit only (the gate's cost)."""
+    _done()
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="slots_rated", name="fleet.noop_slots_rated")
+def noop_slots_rated(self: ThrottledTask) -> None:
+    """A no-op body behind a rate and a concurrency limit (the gate's cost)."""
+    _done()

@@ -23,6 +23,7 @@ from .decision import Decision
 from .errors import BackendUnavailable, ReservationRefused
 from .gcra import Mode
 from .limit import Limit
+from .script import REPLY_LEN, register
 from .transaction import run_transaction
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class SyncBuckets(BucketsBase):
         if strategy == "transaction" and not isinstance(client, redis.Redis):
             raise TypeError(f"strategy='transaction' needs a redis.Redis client, got {type(client).__name__}")
         self.strategy: Strategy = strategy
+        self._leased: Any = None  # lua/leased.lua, registered on first use
         # On Redis Cluster, buckets in different slots cannot share a script
         # call: each slot's buckets are decided in turn (see slots.split_steps).
         self._parts = [SyncBuckets(client, g, strategy) for g in self.groups] if len(self.groups) > 1 else []
@@ -92,6 +94,34 @@ class SyncBuckets(BucketsBase):
     def consume(self, cost: int = 1) -> Decision:
         """Take ``cost`` tokens now if every bucket has them; otherwise take none."""
         return self._run(Mode.CONSUME, self.plan.cost(cost))
+
+    def can_lease_with(self, lease_key: str) -> bool:
+        """Whether ``book_leased`` can decide these buckets with the lease keyed ``lease_key``:
+        one script call (the script strategy, one cluster slot, the lease's)."""
+        if self.strategy != "script" or self._parts:
+            return False
+        return not slots.is_cluster(self._redis) or slots.slot_of(lease_key) == slots.slot_of(self.plan.keys[0])
+
+    def book_leased(
+        self, cost: int, max_wait: float, lease_keys: Sequence[str], lease_args: Sequence[Any]
+    ) -> tuple[Decision | None, Any]:
+        """A concurrency lease (``lua/lease.lua``, mode acquire) and ``book``, in one call.
+
+        Returns (the booking, or None when the lease was refused and the
+        buckets were not touched; lease.lua's raw reply).  Only where
+        ``can_lease_with`` says so.
+        """
+        mode, checked, limit_us = self.plan.book(cost, max_wait)
+        keys = [*lease_keys, *self.plan.keys_for(mode)]
+        args = [*lease_args, *self.plan.args(mode, checked, limit_us)]
+        if self._leased is None:
+            self._leased = register(self._redis, "leased")
+        script = self._leased
+        reply = self._guard(lambda: script(keys=keys, args=args))
+        lease = reply[REPLY_LEN:]
+        if int(lease[0]) != 1:
+            return None, lease
+        return self.plan.decision(reply[:REPLY_LEN]), lease
 
     def peek(self, cost: int = 1) -> Decision:
         """What ``consume(cost)`` would say now, without taking anything."""

@@ -11,6 +11,7 @@ linted and diffed as Lua:
 - ``live_change.lua``: one live change of one limit, one at a time.
 - ``room_*.lua``: the waiting room (park, claim, acknowledge, re-plan, arrival).
 - ``lease.lua``: a concurrency limit's leases (acquire, renew, release, status).
+- ``leased.lua``: a lease and a rate decision in one call (composed with the two above).
 
 Clients register a script with ``register_script``: redis-py sends EVALSHA
 and reloads the source by itself when the server answers NOSCRIPT (after
@@ -41,6 +42,7 @@ ScriptName = Literal[
     "room_replan",
     "room_arrival",
     "lease",
+    "leased",
 ]
 
 #: Integers in one decision's reply from ``gcra.lua``.
@@ -49,7 +51,21 @@ REPLY_LEN = 7
 
 @cache
 def source(name: ScriptName) -> str:
-    """The Lua source of ``lua/<name>.lua``."""
+    """The Lua source of ``lua/<name>.lua``.
+
+    ``leased`` is composed: lease.lua and gcra.lua, each wrapped as a
+    function of (KEYS, ARGV), then leased.lua, which calls both.
+    """
+    if name == "leased":
+        return (
+            f"local function lease_call(KEYS, ARGV)\n{source('lease')}\nend\n"
+            f"local function gcra_call(KEYS, ARGV)\n{source('gcra')}\nend\n"
+            f"{_read('leased')}"
+        )
+    return _read(name)
+
+
+def _read(name: str) -> str:
     return resources.files("throttle").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.celery.conftest import broker
+from tests.celery.conftest import DEFAULT_LIMITS, broker
 from tests.fleet import Fleet
 from throttle.celery import EPSILON_S
 from throttle.semaphore import Semaphore
@@ -283,3 +283,41 @@ def _scrape(fleet: Fleet) -> str:
         return generate_latest(registry).decode()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("task", ["fleet.noop_slots", "fleet.noop_slots_rated"])
+def test_a_lease_costs_one_round_trip_to_take_and_one_to_give_back(redis_url: str, task: str) -> None:
+    """With leases free: one script call takes the lease (with the rate decision, when there is
+    one: ``lua/leased.lua``), one gives it back.  Counted on a Redis used by nothing else."""
+    from tests.fleet import SYSTEM_REDIS_BROKER, broker_available
+    from throttle.testing.redis_server import RedisServer
+
+    if not broker_available(SYSTEM_REDIS_BROKER):
+        pytest.skip("no Redis broker on 127.0.0.1:6379")
+    tasks = 150
+    limits = {"slots": {"concurrency": 1000}, "slots_rated": {"rate": "100000/s", "burst": 10000, "concurrency": 1000}}
+    with RedisServer() as bucket_server:
+        fleet = Fleet(SYSTEM_REDIS_BROKER, bucket_server.url, redis_url, limits={**DEFAULT_LIMITS, **limits},
+                      workers=1, app_module=APP)  # fmt: skip
+        try:
+            fleet.start()
+            bucket = redis.Redis.from_url(bucket_server.url)
+            bucket.config_resetstat()
+            started = time.monotonic()
+            fleet.send(task, [() for _ in range(tasks)])
+            done = redis.Redis.from_url(redis_url)
+            deadline = time.monotonic() + 120
+            while done.llen(f"{fleet.record_key}:done") < tasks and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert done.llen(f"{fleet.record_key}:done") == tasks
+            elapsed = time.monotonic() - started
+            stats = bucket.info("commandstats")
+        finally:
+            fleet.stop()
+            fleet.purge()
+    answered = {k.removeprefix("cmdstat_"): int(v["calls"]) - int(v.get("failed_calls", 0)) for k, v in stats.items()}
+    live_reads = answered.get("hgetall", 0) // 4
+    assert live_reads <= 3 * (elapsed / 0.5 + 2)
+    per_task = (answered["evalsha"] - live_reads) / tasks
+    print(f"{task}: {per_task:.2f} script calls per task ({answered['evalsha']} evalsha, {live_reads} live reads)")
+    assert per_task == 2.0, answered

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from celery import Task
 
     from ..live_state import LiveState
+    from .leases import LeaseRider
 
 __all__ = ["Gate", "Paid", "GRACE_S", "EPSILON_S", "LEAD_S", "SPIN_S"]
 
@@ -101,8 +102,12 @@ class Gate:
 
     buckets: TokenBucket | MultiBucket  # the enforced limits' buckets, set by _load()
 
-    def __init__(self, task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str, Any], rider: LeaseRider | None = None
+    ) -> None:
         self.task = task
+        #: A concurrency lease to take in this delivery's first booking call (one round trip for both).
+        self.rider = rider
         self.plan = plan
         self.args = args
         self.kwargs = kwargs
@@ -258,7 +263,10 @@ class Gate:
             self._book(_REBOOK[verdict])
 
     def _book(self, reason: DeferralReason, may_run: bool = True) -> None:
-        decision = self.buckets.book(self.cost, max_wait=self._budget_left())
+        if self.rider is not None and self.rider.pending:
+            decision = self.rider.book(self.buckets, self.cost, self._budget_left())  # or LeaseRefused
+        else:
+            decision = self.buckets.book(self.cost, max_wait=self._budget_left())
         replied = time.monotonic()
         if not decision.allowed:
             raise ThrottleDeferralExpired(

@@ -34,6 +34,7 @@ runs anywhere.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 import uuid
@@ -57,6 +58,8 @@ from .runtime import Runtime, runtime_for
 if TYPE_CHECKING:
     from celery import Task
 
+    from ..bucket import MultiBucket, TokenBucket
+    from ..decision import Decision
     from .options import TaskPlan
 
 __all__ = [
@@ -66,6 +69,9 @@ __all__ = [
     "release_held",
     "release_task",
     "LeaseSweeper",
+    "LeaseRider",
+    "LeaseRefused",
+    "LeaseAgain",
     "leases_index",
     "HANDOVER_HOLD_S",
     "SWEEP_S",
@@ -132,6 +138,10 @@ class TaskSemaphore(Semaphore):
             reply = LeaseReply.parse(self._script(keys=self._key_list, args=args))
         except RedisError as exc:
             raise self._unavailable(exc) from exc
+        return self.after(reply)
+
+    def after(self, reply: LeaseReply) -> LeaseReply:
+        """What follows any call: count expired leases, publish the tasks handed one."""
         if reply.reclaimed and self.runtime.metrics is not None:
             self.runtime.metrics.count([self.limit], "lease_expiries", reply.reclaimed)
         if reply.handed:
@@ -310,7 +320,7 @@ def _park(
         # A lease was freed between the two calls: give it back, decide again
         # (the task may hold other limits' leases to take first).
         sem.call(LeaseMode.RELEASE, lease_id)
-        raise _Again(request.id)
+        raise LeaseAgain(request.id)
     try:
         runtime.redis.zadd(leases_index(runtime.settings.prefix), {sem.name: reply.server_time})
     except RedisError as exc:  # the next release of the limit hands it over all the same
@@ -328,7 +338,7 @@ def _park(
     raise deferred
 
 
-class _Again(Exception):
+class LeaseAgain(Exception):
     """A lease turned up between the refusal and the park: decide once more."""
 
 
@@ -339,17 +349,44 @@ def acquire_or_park(task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[st
         try:
             leases = acquire_leases(task, plan, args, kwargs, budget)
             break
-        except _Again:
+        except LeaseAgain:
             if attempt == 3:
                 # Leases keep coming and going between our two calls: send
                 # the task again to decide in a moment (never lost).
                 stamp = Stamp.read(task.request)
                 resend(task, args, kwargs, stamp, 0.05, 0.05, None)
                 raise Deferred(0.05, DeferralReason.CONCURRENCY.value, stamp.deferrals + 1, False) from None
+        except BackendUnavailable as exc:
+            return _backend_error(task, args, kwargs, exc)
     metrics = runtime_for(task.app).metrics
     if metrics is not None and not plan.limits:  # with a rate, the rate gate counts the admission
         metrics.count([limit.name for limit in plan.leases], "admitted:now")
     return leases
+
+
+#: While Redis is down, "defer" re-sends with these countdowns (doubling), as the rate gate does.
+_BACKEND_BACKOFF_S = (1.0, 30.0)
+
+
+def _backend_error(task: Task, args: list[Any], kwargs: dict[str, Any], exc: BackendUnavailable) -> list[Lease]:
+    """Redis cannot answer for a lease: ``throttle_on_backend_error`` decides, as for a rate."""
+    runtime = runtime_for(task.app)
+    policy = runtime.settings.on_backend_error
+    request = task.request
+    if runtime.metrics is not None:
+        runtime.metrics.count([limit.name for limit in task._throttle_plan.leases], f"backend_errors:{policy}")
+    if policy == "allow":
+        logger.warning("%s[%s] runs without its concurrency lease: %s", task.name, request.id, exc)
+        return []
+    if policy == "fail":
+        logger.error("%s[%s] fails: %s", task.name, request.id, exc)
+        raise exc
+    stamp = Stamp.read(request)
+    low, high = _BACKEND_BACKOFF_S
+    wait = min(high, low * 2 ** min(stamp.deferrals, 10)) * random.uniform(0.5, 1.0)
+    resend(task, args, kwargs, stamp, wait, wait, None)
+    logger.info("%s[%s] deferred %.1fs: %s", task.name, request.id, wait, exc)
+    raise Deferred(wait, DeferralReason.BACKEND.value, stamp.deferrals + 1, False)
 
 
 def _budget_left(task: Task) -> float:
@@ -359,6 +396,70 @@ def _budget_left(task: Task) -> float:
     if since is None:
         return limit
     return min(limit, max(1.0, limit - (time.time() - since)))
+
+
+# One round trip: the lease in the rate decision's call --------------------------
+
+
+class LeaseRefused(Exception):
+    """The lease was refused in the rate decision's call; the buckets were not touched."""
+
+
+class LeaseRider:
+    """A new task's lease of its one concurrency limit, taken in the same script call as
+    its rate decision (``lua/leased.lua``): one round trip when both say yes."""
+
+    def __init__(self, task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str, Any]) -> None:
+        runtime = runtime_for(task.app)
+        limit = plan.leases[0]
+        self.task, self.plan, self.args, self.kwargs = task, plan, args, kwargs
+        self.sem = semaphore_for(task.app, runtime, limit, plan.tenant(args, kwargs), _expiry(task, limit))
+        self.lease_id = f"{task.request.id}.{uuid.uuid4().hex[:12]}"
+        self.about = f"{task.name}[{task.request.id}] {default_description()}"
+        self.lease: Lease | None = None
+        self.pending = True  # not asked yet (the gate may decide without a booking: shadow limits only)
+
+    @classmethod
+    def fits(cls, task: Task, plan: TaskPlan) -> bool:
+        """A new delivery of a task with a rate and exactly one concurrency limit (the common case)."""
+        request = task.request
+        return (
+            bool(plan.limits) and len(plan.leases) == 1 and _handed(request) is None and not Stamp.read(request).booked
+        )
+
+    def book(self, buckets: TokenBucket | MultiBucket, cost: int, max_wait: float) -> Decision:
+        """The lease, then ``buckets.book``: in one call when they share a node and slot."""
+        self.pending = False
+        sem = self.sem
+        args = sem._args(LeaseMode.ACQUIRE, self.lease_id, about=self.about)
+        if buckets.can_lease_with(sem.keys.holders):
+            try:
+                decision, raw = buckets.book_leased(cost, max_wait, sem._key_list, args)
+            except RedisError as exc:  # not BackendUnavailable: a bug, as in any script call
+                raise sem._unavailable(exc) from exc
+            reply = sem.after(LeaseReply.parse(raw))
+        else:
+            reply = sem.call(LeaseMode.ACQUIRE, self.lease_id, about=self.about)
+            decision = None
+        if not reply.granted:
+            raise LeaseRefused(sem.name)
+        self.lease = Lease(sem, self.lease_id, reply.server_time)
+        return decision if decision is not None else buckets.book(cost, max_wait)
+
+    def park(self) -> None:
+        """Refused: park for the next free lease (raises ``Deferred``, or ``LeaseAgain``)."""
+        runtime = runtime_for(self.task.app)
+        try:
+            _park(self.task, self.sem, runtime, self.lease_id, self.args, self.kwargs, _budget_left(self.task),
+                  self.about)  # fmt: skip
+        except BackendUnavailable as exc:
+            if not _backend_error(self.task, self.args, self.kwargs, exc):  # "allow": run without the lease
+                return
+
+    def release(self) -> None:
+        if self.lease is not None:
+            release_held([self.lease])
+            self.lease = None
 
 
 # Held leases: renewed while the body runs, released when it ends ---------------

@@ -13,6 +13,7 @@ itself is the gate's (``throttle.celery.gate``), run in ``before_start``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..semaphore import Lease
 from . import lifecycle  # noqa: F401  (connects what a worker does at start and stop)
 from .deferral import Deferred
 from .gate import Gate
-from .leases import acquire_or_park, hold, release_held
+from .leases import LeaseAgain, LeaseRefused, LeaseRider, acquire_or_park, hold, release_held
 from .options import TaskPlan, resolve_options
 from .settings import settings_for
 
@@ -123,9 +124,32 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if not plan.leases:
             _deciding(Gate(self, plan, call_args, call_kwargs).admit)
             return
+        leases: list[Lease] = []
+        if LeaseRider.fits(self, plan):
+            # A new task of a rate and a concurrency limit: the lease is taken
+            # in the rate decision's own call (one round trip), before the
+            # buckets are touched.
+            rider = LeaseRider(self, plan, call_args, call_kwargs)
+            try:
+                _deciding(Gate(self, plan, call_args, call_kwargs, rider=rider).admit)
+            except LeaseRefused:
+                # Queued for the next free lease (raises Deferred), unless one
+                # was freed meanwhile (LeaseAgain): then decide again below.
+                with contextlib.suppress(LeaseAgain):
+                    _deciding(rider.park)
+            except BaseException:
+                rider.release()
+                raise
+            else:
+                if rider.lease is not None:
+                    hold(task_id, [rider.lease])
+                    return
+                # The gate admitted without booking (shadow limits only): the lease alone.
+                _deciding(lambda: leases.extend(acquire_or_park(self, plan, call_args, call_kwargs)))
+                hold(task_id, leases)
+                return
         # Concurrency first: a task that parks for a lease has taken no
         # rate token; one deferred by the rate gives its leases back.
-        leases: list[Lease] = []
         _deciding(lambda: leases.extend(acquire_or_park(self, plan, call_args, call_kwargs)))
         try:
             if plan.limits:
