@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.scale $(SCALE_ARGS)
 	$(BIN)/python -m bench.backlog $(BACKLOG_ARGS)
 	$(BIN)/python -m bench.semaphore $(SEMAPHORE_ARGS)
+	$(BIN)/python -m bench.concurrency $(CONCURRENCY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LOWEST) build *.egg-info .mypy_cache .ruff_cache

@@ -64,11 +64,23 @@ def held_path(self: ThrottledTask, n: int, how: str) -> int:
     Every way must give the lease back at once: with ``lease_expiry`` 60 s a
     leaked lease would stall the next task for a minute.
     """
-    attempt = int(recorder().incr(f"{RECORD_KEY}:attempt:{self.request.id}"))
-    record(self, n=n, phase="start", how=how, attempt=attempt)
+    return _end_by(self, n, how, 0.05)
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="slots", acks_late=True, reject_on_worker_lost=True,
+          autoretry_for=(ValueError,), max_retries=1, default_retry_delay=0, name="fleet.held_model")  # fmt: skip
+def held_model(self: ThrottledTask, n: int, how: str, seconds: float) -> int:
+    """``held_path`` for the model test: any length, acknowledged late (a killed run comes back)."""
+    return _end_by(self, n, how, seconds)
+
+
+def _end_by(task: Any, n: int, how: str, seconds: float) -> int:
+    attempt = int(recorder().incr(f"{RECORD_KEY}:attempt:{task.request.id}"))
+    record(task, n=n, phase="start", how=how, attempt=attempt)
+    self = task
     try:
         if attempt > 1 or how == "ok":
-            time.sleep(0.05)
+            time.sleep(seconds)
             return n
         if how == "raise":
             raise KeyError("the body failed")
@@ -86,7 +98,7 @@ def held_path(self: ThrottledTask, n: int, how: str) -> int:
             time.sleep(2)  # SoftTimeLimitExceeded at 0.5 s (prefork)
         raise AssertionError(how)
     finally:
-        record(self, n=n, phase="end", how=how, attempt=attempt)
+        record(task, n=n, phase="end", how=how, attempt=attempt)
 
 
 @app.task(bind=True, base=ThrottledTask, throttle="slots", time_limit=1, name="fleet.held_stuck")
@@ -109,3 +121,9 @@ def noop_slots(self: ThrottledTask) -> None:
 def noop_slots_rated(self: ThrottledTask) -> None:
     """A no-op body behind a rate and a concurrency limit (the gate's cost)."""
     _done()
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="rate_only", name="fleet.held_rate_only")
+def held_rate_only(self: ThrottledTask, n: int, seconds: float) -> int:
+    """The same body behind a rate alone (``bench.concurrency`` compares the two)."""
+    return _held(self, n, seconds)

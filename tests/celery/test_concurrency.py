@@ -28,7 +28,11 @@ from throttle.testing.windows import Segment, violations
 pytestmark = [pytest.mark.fleet, pytest.mark.slow]
 
 APP = "tests.concurrency_app"
-SLOTS = {"slots": {"concurrency": 3}, "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3}}
+SLOTS = {
+    "slots": {"concurrency": 3},
+    "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3},
+    "rate_only": {"rate": "10/s", "burst": 1},
+}
 
 
 def start(fleet_factory: Any, broker_name: str, limits: dict[str, Any], **kwargs: Any) -> Fleet:
@@ -295,7 +299,11 @@ def test_a_lease_costs_one_round_trip_to_take_and_one_to_give_back(redis_url: st
     if not broker_available(SYSTEM_REDIS_BROKER):
         pytest.skip("no Redis broker on 127.0.0.1:6379")
     tasks = 150
-    limits = {"slots": {"concurrency": 1000}, "slots_rated": {"rate": "100000/s", "burst": 10000, "concurrency": 1000}}
+    limits = {
+        **SLOTS,
+        "slots": {"concurrency": 1000},
+        "slots_rated": {"rate": "100000/s", "burst": 10000, "concurrency": 1000},
+    }
     with RedisServer() as bucket_server:
         fleet = Fleet(SYSTEM_REDIS_BROKER, bucket_server.url, redis_url, limits={**DEFAULT_LIMITS, **limits},
                       workers=1, app_module=APP)  # fmt: skip
@@ -321,3 +329,91 @@ def test_a_lease_costs_one_round_trip_to_take_and_one_to_give_back(redis_url: st
     per_task = (answered["evalsha"] - live_reads) / tasks
     print(f"{task}: {per_task:.2f} script calls per task ({answered['evalsha']} evalsha, {live_reads} live reads)")
     assert per_task == 2.0, answered
+
+
+def test_a_body_longer_than_the_expiry_keeps_its_lease(fleet_factory: Any) -> None:
+    """lease_expiry 1 s, a body of 3 s: the worker renews the lease, so the next task waits for the end."""
+    fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1, "lease_expiry": 1}}, workers=2, concurrency=2)
+    fleet.send("fleet.held", [(0, 3.0)])
+    time.sleep(0.3)
+    fleet.send("fleet.held", [(1, 0.1)])
+    done = sorted(wait_ends(fleet, 2, 30))
+    assert len(done) == 2
+    (_, first_end, _), (second_start, _, _) = done
+    assert second_start >= first_end, f"the second body started {first_end - second_start:.2f}s before the first ended"
+    assert 'throttle_lease_expiries_total{limit="slots"} 0.0' in _scrape(fleet)
+
+
+#: Outcomes of a body's first attempt in the model test, with their weights.
+_OUTCOMES = {"ok": 6, "raise": 1, "retry": 1, "autoretry": 1, "ratelimited": 1, "ignore": 1}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_model_random_programs_keep_the_bound(fleet_factory: Any, seed: int) -> None:
+    """Random programs, reproducible by seed: bodies of random length that end in random ways,
+    pool processes SIGKILLed mid-body (acks_late: the run comes back), the concurrency raised live.
+
+    Invariant: bodies in flight (a killed body until its kill) never exceed the
+    capacity in force (the larger one while a change takes effect); every task
+    ends in success exactly once, after its expected attempts.
+    """
+    from throttle.live import CHANGE_DELAY_S, LiveLimits
+
+    rng = random.Random(seed)
+    capacity, raised = rng.choice([2, 3]), rng.choice([1, 2])
+    fleet = start(fleet_factory, "rabbitmq", {"slots": {"concurrency": capacity, "lease_expiry": 3}}, workers=3,
+                  concurrency=3)  # fmt: skip
+    hows = list(_OUTCOMES)
+    calls = [(i, rng.choices(hows, weights=list(_OUTCOMES.values()))[0], round(rng.uniform(0.05, 0.4), 3))
+             for i in range(50)]  # fmt: skip
+    ids = fleet.send("fleet.held_model", calls)
+    rec = redis.Redis.from_url(fleet.record_url)
+    kills: list[tuple[float, str]] = []
+    kill_pids: list[tuple[int, str]] = []
+    change_at = None
+    plan = sorted(rng.sample(range(1, 8), 3))  # seconds into the run: kill, kill, raise (in some order)
+    events = rng.sample(["kill", "kill", "raise"], 3)
+    began = time.monotonic()
+    for at, event in zip(plan, events, strict=True):
+        while time.monotonic() - began < at:
+            time.sleep(0.05)
+        if event == "raise":
+            seconds, micros = rec.time()
+            live = LiveLimits(redis.Redis.from_url(fleet.throttle_redis_url), f"throttle-{fleet.queue}")
+            live.set("slots", concurrency=capacity + raised)
+            change_at = seconds + micros / 1e6 + CHANGE_DELAY_S
+            continue
+        running = {r["pid"]: r["id"] for r in fleet.records() if r.get("phase") == "start"}
+        open_ids = {i for _, i in intervals(fleet)[1]}
+        killed_pids = {pid for pid, _ in kill_pids}
+        victims = [(p, i) for p, i in running.items() if i in open_ids and p not in killed_pids]
+        if victims:
+            pid, task_id = rng.choice(sorted(victims))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended meanwhile
+                continue
+            seconds, micros = rec.time()
+            kills.append((seconds + micros / 1e6, task_id))
+            kill_pids.append((pid, task_id))
+    expected_ends = len(calls) + sum(1 for _, how, _ in calls if how in ("retry", "autoretry", "ratelimited"))
+    done = wait_ends(fleet, expected_ends, 120)
+    records = fleet.records()
+    finals = Counter(r["id"] for r in records if r.get("phase") == "end" and (r["attempt"] > 1 or r["how"] == "ok"))
+    assert set(finals) == set(ids) - {
+        i for i, (_, how, _) in zip(ids, calls, strict=True) if how in ("raise", "ignore")
+    }
+    assert max(finals.values()) == 1, "a task succeeded twice"
+    # Killed bodies were in flight from their start to their kill.
+    _, still_open = intervals(fleet)
+    killed = [(start, next(t for t, i in kills if i == task_id)) for start, task_id in still_open]
+    spans = [(s, e) for s, e, _ in done] + killed
+    assert len(killed) <= len(kills)
+    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    now = 0
+    for t, step in points:
+        now += step
+        bound = capacity if change_at is None or t < change_at - 1.0 else capacity + raised
+        assert now <= bound, f"seed {seed}: {now} in flight at {t:.3f} (capacity {bound}, kills {kills})"
+    assert lease_holders(fleet) == []
+    print(f"seed {seed}: capacity {capacity}->{capacity + raised}, {len(kills)} kills, {len(done)} bodies ended")

@@ -34,6 +34,7 @@ runs anywhere.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -464,34 +465,83 @@ class LeaseRider:
 
 # Held leases: renewed while the body runs, released when it ends ---------------
 
-_held: dict[tuple[str, int], list[Lease]] = {}
-_held_lock = threading.Lock()
+
+class Renewer:
+    """One thread per process renews every lease its bodies hold, each every third of its expiry.
+
+    A thread per lease would cost a thread start and join per task (~1 ms
+    measured on the solo pool); one thread looking every ``_RENEW_TICK_S``
+    costs nothing per task.  Started on first use in each process (after
+    the fork, for prefork children).
+    """
+
+    def __init__(self) -> None:
+        self._leases: dict[tuple[str, int], tuple[list[Lease], list[float]]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def hold(self, key: tuple[str, int], leases: list[Lease]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._leases[key] = (leases, [now] * len(leases))
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="throttle-lease-renewer", daemon=True)
+                self._thread.start()
+
+    def pop(self, key: tuple[str, int]) -> list[Lease] | None:
+        with self._lock:
+            found = self._leases.pop(key, None)
+        return found[0] if found is not None else None
+
+    def _run(self) -> None:
+        wake = threading.Event()  # never set: Event.wait works where time.sleep may not (libfaketime)
+        while True:
+            wake.wait(_RENEW_TICK_S)
+            with self._lock:
+                held = list(self._leases.values())
+            now = time.monotonic()
+            for leases, renewed in held:
+                for i, lease in enumerate(leases):
+                    if now - renewed[i] < lease.semaphore.expiry / 3 or lease.lost:
+                        continue
+                    try:
+                        if lease.renew():
+                            renewed[i] = now
+                        else:
+                            logger.warning("lease %s of %r expired before it was renewed (a frozen process?)",
+                                           lease.id, lease.semaphore.name)  # fmt: skip
+                    except Exception as exc:  # Redis down: try again at the next tick; the lease may expire
+                        logger.warning("could not renew lease %s of %r: %s", lease.id, lease.semaphore.name, exc)
+
+
+#: How often the renewer looks (a lease is renewed at the first look after a third of its expiry).
+_RENEW_TICK_S = 0.25
+
+_renewer = Renewer()
 
 
 def hold(task_id: str, leases: list[Lease]) -> None:
     """Keep ``leases`` renewed until this thread's body of ``task_id`` ends (``task_postrun``)."""
-    if not leases:
-        return
-    for lease in leases:
-        lease.__enter__()  # starts its renewer
-    with _held_lock:
-        _held[(task_id, threading.get_ident())] = leases
+    if leases:
+        _renewer.hold((task_id, threading.get_ident()), leases)
 
 
 def release_held(leases: Sequence[Lease]) -> None:
     """Give ``leases`` back; one that cannot be (Redis down) expires by itself."""
     for lease in leases:
         try:
-            lease.__exit__(None, None, None)
+            lease.release()
         except Exception as exc:  # never let a release hide the task's outcome
-            logger.warning("could not release lease %s of %r: %s", lease.id, lease.semaphore.name, exc)
+            logger.warning("could not release lease %s of %r (it expires by itself): %s",
+                           lease.id, lease.semaphore.name, exc)  # fmt: skip
 
 
 def _on_postrun(task_id: str | None = None, **_: Any) -> None:
-    if task_id is None or not _held:
+    if task_id is None:
         return
-    with _held_lock:
-        leases = _held.pop((task_id, threading.get_ident()), None)
+    leases = _renewer.pop((task_id, threading.get_ident()))
     if leases:
         release_held(leases)
 
