@@ -127,3 +127,16 @@ def noop_slots_rated(self: ThrottledTask) -> None:
 def held_rate_only(self: ThrottledTask, n: int, seconds: float) -> int:
     """The same body behind a rate alone (``bench.concurrency`` compares the two)."""
     return _held(self, n, seconds)
+
+
+def _tenant_of(n: int, tenant: str, seconds: float) -> str:
+    return tenant
+
+
+@app.task(bind=True, base=ThrottledTask, throttle="tenant_slots", throttle_key=_tenant_of, name="fleet.held_tenant")
+def held_tenant(self: ThrottledTask, n: int, tenant: str, seconds: float) -> int:
+    """A concurrency limit per tenant (``per_key``, the default)."""
+    record(self, n=n, phase="start", tenant=tenant)
+    time.sleep(seconds)
+    record(self, n=n, phase="end", tenant=tenant)
+    return n

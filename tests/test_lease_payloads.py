@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 
 from throttle.keys import LeaseKeys
@@ -86,3 +87,17 @@ def test_a_waiting_payload_outlives_the_holders_expiry(r: redis.Redis, prefix: s
     time.sleep(0.3)
     reply = sem.do(LeaseMode.STATUS)
     assert reply.handed == (("parked", b"m"),)
+
+
+@pytest.mark.parametrize("which", ["holders", "about", "queue", "waiters", "payloads"])
+def test_any_key_of_another_type_is_replaced_not_failed_on(r: redis.Redis, prefix: str, which: str) -> None:
+    """Found by the WRONGTYPE it causes (no TYPE check per call): the keys start afresh."""
+    keys = LeaseKeys(prefix, "api")
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    assert sem.do(LeaseMode.ACQUIRE, "holder").granted
+    r.delete(getattr(keys, which))
+    r.set(getattr(keys, which), "garbage")
+    reply = sem.do(LeaseMode.WAIT, "parked", b"m")
+    assert reply.granted or reply.queued == 1
+    assert sem.do(LeaseMode.RELEASE, "holder") is not None
+    assert r.type(getattr(keys, which)) in (b"none", b"zset", b"hash")

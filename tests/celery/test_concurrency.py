@@ -9,6 +9,7 @@ overlapping intervals bounds what the leases allowed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -32,6 +33,7 @@ SLOTS = {
     "slots": {"concurrency": 3},
     "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3},
     "rate_only": {"rate": "10/s", "burst": 1},
+    "tenant_slots": {"concurrency": 2},
 }
 
 
@@ -207,8 +209,6 @@ def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any, task: str) -> 
 
 def test_operators_see_holders_and_raise_the_concurrency_live(fleet_factory: Any) -> None:
     """``throttle list/inspect`` show in flight, waiting and holders; ``throttle set --concurrency`` acts at once."""
-    import json
-
     from throttle.cli import main
 
     fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1}}, workers=2, concurrency=4)
@@ -417,3 +417,28 @@ def test_model_random_programs_keep_the_bound(fleet_factory: Any, seed: int) -> 
         assert now <= bound, f"seed {seed}: {now} in flight at {t:.3f} (capacity {bound}, kills {kills})"
     assert lease_holders(fleet) == []
     print(f"seed {seed}: capacity {capacity}->{capacity + raised}, {len(kills)} kills, {len(done)} bodies ended")
+
+
+def test_a_concurrency_per_tenant(fleet_factory: Any) -> None:
+    """``per_key`` (the default) with ``throttle_key``: each tenant has its own 2 leases."""
+    from throttle.cli import main
+
+    fleet = start(fleet_factory, "redis", {}, workers=2, concurrency=4)
+    calls = [(i, tenant, 0.4) for i in range(12) for tenant in ("acme", "globex")]
+    ids = fleet.send("fleet.held_tenant", calls)
+    time.sleep(1.0)
+    base = ["--redis-url", fleet.throttle_redis_url, "--prefix", f"throttle-{fleet.queue}"]
+    info = json.loads(_cli(main, [*base, "inspect", "tenant_slots", "--key", "acme", "--json"]))["tenant_slots"]
+    assert info["concurrency"] == 2 and info["in_flight"] <= 2, info
+    wait_ends(fleet, len(calls), 60)
+    records = fleet.records()
+    starts = {(r["id"], r["pid"]): r["t"] for r in records if r.get("phase") == "start"}
+    spans: dict[str, list[tuple[float, float]]] = {"acme": [], "globex": []}
+    for r in records:
+        if r.get("phase") == "end":
+            spans[r["tenant"]].append((starts[(r["id"], r["pid"])], r["t"]))
+    assert sorted(r["id"] for r in records if r.get("phase") == "end") == sorted(ids)
+    peaks = {tenant: in_flight(s)[0] for tenant, s in spans.items()}
+    overall, _ = in_flight(spans["acme"] + spans["globex"])
+    assert peaks == {"acme": 2, "globex": 2}, peaks
+    assert overall > 2, "tenants do not share their leases"

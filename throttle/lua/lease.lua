@@ -72,171 +72,177 @@ local mode = tonumber(ARGV[1])
 local lease = ARGV[2]
 local capacity = tonumber(ARGV[3])
 
--- A key of another type (written by someone else) is not ours: start afresh
--- rather than fail every call.  Leases held in it are lost to the count
--- (their holders' renewals tell them so).
-local expected = {[holders] = 'zset', [about] = 'hash', [queue] = 'zset', [waiters] = 'zset', [payloads] = 'hash'}
-for key, kind in pairs(expected) do
-  local found = redis.call('TYPE', key).ok
-  if found ~= kind and found ~= 'none' then
-    redis.call('DEL', key)
-  end
-end
-
-local function remove_all(key, members, command)
-  for i = 1, #members, 1000 do
-    redis.call(command, key, unpack(members, i, math.min(i + 999, #members)))
-  end
-end
-
--- Expired leases out.
-local expired = redis.call('ZRANGEBYSCORE', holders, '-inf', now)
-local reclaimed = #expired
-if reclaimed > 0 then
-  redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
-  remove_all(about, expired, 'HDEL')
-  -- A lease handed over to a parked task and never taken up: its payload is
-  -- still here, so the task goes back to the head of the queue.
-  for _, id in ipairs(expired) do
-    if redis.call('HEXISTS', payloads, id) == 1 and redis.call('ZSCORE', waiters, id) then
-      redis.call('ZADD', queue, 1, id)
+local function decide()
+  local function remove_all(key, members, command)
+    for i = 1, #members, 1000 do
+      redis.call(command, key, unpack(members, i, math.min(i + 999, #members)))
     end
   end
-end
 
--- Waiters that stopped waiting (gave up, or died) out of the queue.
-local gone = redis.call('ZRANGEBYSCORE', waiters, '-inf', now)
-if #gone > 0 then
-  redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
-  remove_all(queue, gone, 'ZREM')
-  remove_all(payloads, gone, 'HDEL')
-end
-
-local granted = 1
-local wait = 0
-local expiry = now + (tonumber(ARGV[4]) or 0)
-
-local function leave_queue(id)
-  redis.call('ZREM', queue, id)
-  redis.call('ZREM', waiters, id)
-  redis.call('HDEL', payloads, id)
-end
-
-if mode == ACQUIRE or mode == WAIT or mode == RENEW then
-  if redis.call('ZSCORE', holders, lease) then
-    redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
-    -- A lease handed over to this waiter, taken up now: say who holds it.
-    if mode == WAIT and string.find(redis.call('HGET', about, lease) or '', ' handed over$') then
-      redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
-    end
-    leave_queue(lease)
-  elseif mode == RENEW then
-    granted = 0
-  elseif redis.call('ZCARD', holders) < capacity and (redis.call('ZCARD', queue) == 0 or redis.call('ZRANK', queue, lease) == 0) then
-    -- Free, and no one waits before this caller (a lease freed by expiry
-    -- and not yet handed over goes to the queue's first).
-    redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
-    redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
-    leave_queue(lease)
-  else
-    granted = 0
-    local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
-    if first[2] then
-      wait = tonumber(first[2]) - now
-    end
-    if mode == WAIT then
-      redis.call('ZADD', queue, 'NX', string.format('%.0f', now), lease)
-      redis.call('ZADD', waiters, string.format('%.0f', now + tonumber(ARGV[6])), lease)
-      if ARGV[7] ~= '' then
-        redis.call('HSET', payloads, lease, ARGV[7])
+  -- Expired leases out.
+  local expired = redis.call('ZRANGEBYSCORE', holders, '-inf', now)
+  local reclaimed = #expired
+  if reclaimed > 0 then
+    redis.call('ZREMRANGEBYSCORE', holders, '-inf', now)
+    remove_all(about, expired, 'HDEL')
+    -- A lease handed over to a parked task and never taken up: its payload is
+    -- still here, so the task goes back to the head of the queue.
+    for _, id in ipairs(expired) do
+      if redis.call('HEXISTS', payloads, id) == 1 and redis.call('ZSCORE', waiters, id) then
+        redis.call('ZADD', queue, 1, id)
       end
     end
   end
-elseif mode == TAKE then
-  if redis.call('HEXISTS', payloads, lease) == 0 then
-    granted = 0
-    wait = -1
-  elseif redis.call('ZSCORE', holders, lease) then
-    redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
-    redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
-    leave_queue(lease)
-  elseif redis.call('ZCARD', holders) < capacity and redis.call('ZRANK', queue, lease) == 0 then
-    redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
-    redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
-    leave_queue(lease)
-  else
-    granted = 0
-  end
-elseif mode == RELEASE_PREFIX then
-  granted = 0
-  local all = redis.call('ZRANGE', holders, 0, -1)
-  for _, id in ipairs(all) do
-    if string.sub(id, 1, #lease) == lease then
-      redis.call('ZREM', holders, id)
-      redis.call('HDEL', about, id)
-      granted = granted + 1
-    end
-  end
-elseif mode == RELEASE then
-  granted = redis.call('ZREM', holders, lease)
-  redis.call('HDEL', about, lease)
-elseif mode == LEAVE then
-  leave_queue(lease)
-  granted = redis.call('ZSCORE', holders, lease) and 1 or 0
-end
 
--- Free leases to the first waiters, kept for them until they take them up.
-local handed = {}
-local hold_for = tonumber(ARGV[8]) or 0
-if hold_for > 0 then
-  while redis.call('ZCARD', holders) < capacity do
-    local next_one = redis.call('ZRANGE', queue, 0, 0)[1]
-    if not next_one then
-      break
-    end
-    local payload = redis.call('HGET', payloads, next_one) or ''
-    if payload == '' then
-      leave_queue(next_one)
+  -- Waiters that stopped waiting (gave up, or died) out of the queue.
+  local gone = redis.call('ZRANGEBYSCORE', waiters, '-inf', now)
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+    remove_all(queue, gone, 'ZREM')
+    remove_all(payloads, gone, 'HDEL')
+  end
+
+  local granted = 1
+  local wait = 0
+  local expiry = now + (tonumber(ARGV[4]) or 0)
+
+  local function leave_queue(id)
+    redis.call('ZREM', queue, id)
+    redis.call('ZREM', waiters, id)
+    redis.call('HDEL', payloads, id)
+  end
+
+  if mode == ACQUIRE or mode == WAIT or mode == RENEW then
+    if redis.call('ZSCORE', holders, lease) then
+      redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
+      -- A lease handed over to this waiter, taken up now: say who holds it.
+      if mode == WAIT and string.find(redis.call('HGET', about, lease) or '', ' handed over$') then
+        redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+      end
+      leave_queue(lease)
+    elseif mode == RENEW then
+      granted = 0
+    elseif redis.call('ZCARD', holders) < capacity and (redis.call('ZCARD', queue) == 0 or redis.call('ZRANK', queue, lease) == 0) then
+      -- Free, and no one waits before this caller (a lease freed by expiry
+      -- and not yet handed over goes to the queue's first).
+      redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
+      redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+      leave_queue(lease)
     else
-      -- Kept until taken up (see above); only its place in the queue goes.
-      redis.call('ZREM', queue, next_one)
+      granted = 0
+      local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
+      if first[2] then
+        wait = tonumber(first[2]) - now
+      end
+      if mode == WAIT then
+        redis.call('ZADD', queue, 'NX', string.format('%.0f', now), lease)
+        redis.call('ZADD', waiters, string.format('%.0f', now + tonumber(ARGV[6])), lease)
+        if ARGV[7] ~= '' then
+          redis.call('HSET', payloads, lease, ARGV[7])
+        end
+      end
     end
-    redis.call('ZADD', holders, string.format('%.0f', now + hold_for), next_one)
-    redis.call('HSET', about, next_one, string.format('%.0f', now) .. ' handed over')
-    handed[#handed + 1] = next_one
-    handed[#handed + 1] = payload
+  elseif mode == TAKE then
+    if redis.call('HEXISTS', payloads, lease) == 0 then
+      granted = 0
+      wait = -1
+    elseif redis.call('ZSCORE', holders, lease) then
+      redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
+      redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+      leave_queue(lease)
+    elseif redis.call('ZCARD', holders) < capacity and redis.call('ZRANK', queue, lease) == 0 then
+      redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
+      redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
+      leave_queue(lease)
+    else
+      granted = 0
+    end
+  elseif mode == RELEASE_PREFIX then
+    granted = 0
+    local all = redis.call('ZRANGE', holders, 0, -1)
+    for _, id in ipairs(all) do
+      if string.sub(id, 1, #lease) == lease then
+        redis.call('ZREM', holders, id)
+        redis.call('HDEL', about, id)
+        granted = granted + 1
+      end
+    end
+  elseif mode == RELEASE then
+    granted = redis.call('ZREM', holders, lease)
+    redis.call('HDEL', about, lease)
+  elseif mode == LEAVE then
+    leave_queue(lease)
+    granted = redis.call('ZSCORE', holders, lease) and 1 or 0
   end
+
+  -- Free leases to the first waiters, kept for them until they take them up.
+  local handed = {}
+  local hold_for = tonumber(ARGV[8]) or 0
+  if hold_for > 0 then
+    while redis.call('ZCARD', holders) < capacity do
+      local next_one = redis.call('ZRANGE', queue, 0, 0)[1]
+      if not next_one then
+        break
+      end
+      local payload = redis.call('HGET', payloads, next_one) or ''
+      if payload == '' then
+        leave_queue(next_one)
+      else
+        -- Kept until taken up (see above); only its place in the queue goes.
+        redis.call('ZREM', queue, next_one)
+      end
+      redis.call('ZADD', holders, string.format('%.0f', now + hold_for), next_one)
+      redis.call('HSET', about, next_one, string.format('%.0f', now) .. ' handed over')
+      handed[#handed + 1] = next_one
+      handed[#handed + 1] = payload
+    end
+  end
+
+  -- Keys live as long as their latest lease or waiter: nothing of a dead
+  -- holder or waiter stays.
+  local count = redis.call('ZCARD', holders)
+  local queued = redis.call('ZCARD', queue)
+  local last = 0
+  if count > 0 then
+    last = tonumber(redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')[2])
+  end
+  -- (Waiters, not the queue: a parked task handed a lease is out of the queue
+  -- but its payload must outlive the hand-over.)
+  if redis.call('ZCARD', waiters) > 0 then
+    local last_waiter = tonumber(redis.call('ZRANGE', waiters, -1, -1, 'WITHSCORES')[2])
+    if last_waiter > last then
+      last = last_waiter
+    end
+  end
+  if count == 0 and queued == 0 and redis.call('ZCARD', waiters) == 0 then
+    redis.call('DEL', holders, about, queue, waiters, payloads)
+  elseif mode ~= STATUS or reclaimed > 0 or #gone > 0 or #handed > 0 then
+    local ttl_ms = math.ceil((last - now) / 1000) + 1
+    for _, key in ipairs({holders, about, queue, waiters, payloads}) do
+      if redis.call('EXISTS', key) == 1 then
+        redis.call('PEXPIRE', key, ttl_ms)
+      end
+    end
+  end
+
+  local reply = {granted, count, wait, now, reclaimed, queued}
+  for _, value in ipairs(handed) do
+    reply[#reply + 1] = value
+  end
+  return reply
 end
 
--- Keys live as long as their latest lease or waiter: nothing of a dead
--- holder or waiter stays.
-local count = redis.call('ZCARD', holders)
-local queued = redis.call('ZCARD', queue)
-local last = 0
-if count > 0 then
-  last = tonumber(redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')[2])
+-- A key of another type (written by someone else) is not ours: start afresh
+-- rather than fail every call.  Leases held in it are lost to the count
+-- (their holders' renewals tell them so).  Found by the error it causes,
+-- not by checking each key's TYPE on every call.
+local ok, result = pcall(decide)
+if ok then
+  return result
 end
--- (Waiters, not the queue: a parked task handed a lease is out of the queue
--- but its payload must outlive the hand-over.)
-if redis.call('ZCARD', waiters) > 0 then
-  local last_waiter = tonumber(redis.call('ZRANGE', waiters, -1, -1, 'WITHSCORES')[2])
-  if last_waiter > last then
-    last = last_waiter
-  end
+local message = type(result) == 'table' and result.err or tostring(result)
+if not string.find(message, 'WRONGTYPE', 1, true) then
+  error(result)
 end
-if count == 0 and queued == 0 and redis.call('ZCARD', waiters) == 0 then
-  redis.call('DEL', holders, about, queue, waiters, payloads)
-elseif mode ~= STATUS or reclaimed > 0 or #gone > 0 or #handed > 0 then
-  local ttl_ms = math.ceil((last - now) / 1000) + 1
-  for _, key in ipairs({holders, about, queue, waiters, payloads}) do
-    if redis.call('EXISTS', key) == 1 then
-      redis.call('PEXPIRE', key, ttl_ms)
-    end
-  end
-end
-
-local reply = {granted, count, wait, now, reclaimed, queued}
-for _, value in ipairs(handed) do
-  reply[#reply + 1] = value
-end
-return reply
+redis.call('DEL', holders, about, queue, waiters, payloads)
+return decide()
