@@ -318,3 +318,25 @@ def test_waiting_room_on_a_cluster(cluster: EmbeddedCluster, rc: RedisCluster, t
         room.park("api:t0", f"again-{k}", now + 1000 + k, b"m", version=1)
     assert room.replan("api:t0", 2, None) == 5 and room.planned_version("api:t0") == 2
     assert status._parked(rc, tag, ["api"], "t0")["api"]["parked"] == 5, "the re-planned room keeps its entries"
+
+
+def test_a_lease_and_a_rate_in_one_call_on_a_cluster(rc: RedisCluster, tag: str) -> None:
+    """``lua/leased.lua`` on a cluster: a limit's lease keys share its bucket's slot, so both
+    are decided in one call; a refused lease leaves the bucket untouched.  A bucket in
+    another slot (a live version ``name@3``) is not combined: the gate makes two calls."""
+    from throttle import Limit, TokenBucket
+    from throttle.semaphore import LeaseMode, LeaseReply
+    from throttle.slots import slot_of
+
+    name = f"both-{tag}"
+    bucket = TokenBucket(rc, name, rate=Limit("10/s", 2))
+    sem = Semaphore(rc, name, 1, expiry=5)
+    assert bucket.can_lease_with(sem.keys.holders)
+    decision, raw = bucket.book_leased(1, 1.0, sem._key_list, sem._args(LeaseMode.ACQUIRE, "a", about="x"))
+    assert decision is not None and decision.allowed and LeaseReply.parse(raw).granted
+    decision, raw = bucket.book_leased(1, 1.0, sem._key_list, sem._args(LeaseMode.ACQUIRE, "b", about="y"))
+    assert decision is None and not LeaseReply.parse(raw).granted
+    assert bucket.peek().remaining == 1, "the refused lease took no token"
+    versioned = TokenBucket(rc, f"{name}@3", rate=Limit("10/s", 2))
+    same = slot_of(versioned.keys[0]) == slot_of(sem.keys.holders)
+    assert versioned.can_lease_with(sem.keys.holders) == same
