@@ -153,10 +153,13 @@ def _limits_table(described: dict[str, LimitStatus]) -> Any:
     from rich.table import Table
 
     table = Table(title="throttle limits")
-    # Short headers: the table fits an 80-column terminal.
-    for col in ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "ver", "parked", "in flight"):
+    # Short headers: the table fits an 80-column terminal (the in-flight
+    # column only when a concurrency limit is there to fill it).
+    leases = any(status.concurrency is not None for status in described.values())
+    columns = ("limit", "rate/s", "burst", "mode", "source", "tokens", "paused", "ver", "parked")
+    for col in (*columns, "in flight") if leases else columns:
         table.add_column(col, justify="left" if col in ("limit", "mode", "source") else "right",
-                         no_wrap=col in ("tokens", "mode"))  # fmt: skip
+                         no_wrap=col in ("tokens", "mode", "in flight"))  # fmt: skip
     for name, status in described.items():
         f = status.in_force
         tokens = "per key" if f.per_key and status.tokens is None else _fmt(status.tokens)
@@ -164,13 +167,19 @@ def _limits_table(described: dict[str, LimitStatus]) -> Any:
         parked = f"{'>=' if status.parked_partial else ''}{status.parked}" if status.parked else ""
         if status.next_release_in is not None:
             parked += f" (next in {status.next_release_in:.0f}s)"
-        flight = ""
-        if status.concurrency is not None:
-            held = "per key" if status.in_flight is None else str(status.in_flight)
-            flight = f"{held}/{status.concurrency}" + (f" +{status.waiting} waiting" if status.waiting else "")
-        table.add_row(name, _fmt(status.rate), _fmt(status.burst), f.mode, status.source, tokens, paused,
-                      str(f.version), parked, flight)  # fmt: skip
+        row = [name, _fmt(status.rate), _fmt(status.burst), f.mode, status.source, tokens, paused,
+               str(f.version), parked]  # fmt: skip
+        if leases:
+            row.append(_in_flight(status.in_flight, status.concurrency, status.waiting))
+        table.add_row(*row)
     return table
+
+
+def _in_flight(held: int | None, capacity: int | None, waiting: int | None) -> str:
+    """A concurrency limit's leases for a table: ``2/5 +40`` (held/allowed, + tasks waiting); empty for a rate."""
+    if capacity is None:
+        return ""
+    return f"{_fmt(held)}/{capacity}" + (f" +{waiting}" if waiting else "")
 
 
 def _fmt(value: Any) -> str:
@@ -363,7 +372,7 @@ def release(obj: Context, name: str, key: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON line per refresh instead of a table")
 @click.pass_obj
 def watch(obj: Context, interval: float, count: int | None, as_json: bool) -> None:
-    """Per limit, refreshed each interval: admitted/s, deferred/s, mean wait, tokens."""
+    """Per limit, refreshed each interval: admitted/s, deferred/s, mean wait, tokens, in flight."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -372,14 +381,15 @@ def watch(obj: Context, interval: float, count: int | None, as_json: bool) -> No
 
     def table(rows: dict[str, WatchRow]) -> Table:
         t = Table(title=f"throttle watch ({redact(obj.url)}, every {interval:g}s)")
-        columns = ("limit", "rate/s", "admitted/s", "deferred/s", "mean wait", "tokens", "mode", "paused", "parked")
+        columns = ("limit", "rate/s", "admitted/s", "deferred/s", "mean wait", "tokens", "mode", "paused", "parked",
+                   "in flight")  # fmt: skip
         for col in columns:
             t.add_column(col, justify="left" if col in ("limit", "mode") else "right")
         for name, r in rows.items():
             t.add_row(
                 name, _fmt(r.rate), f"{r.admitted_per_s:.1f}", f"{r.deferred_per_s:.1f}",
                 f"{r.mean_wait_s:.2f}s", _fmt(r.tokens), r.mode, f"{r.pause_left:.0f}s" if r.pause_left else "",
-                str(r.parked),
+                str(r.parked), _in_flight(r.in_flight, r.concurrency, r.lease_waiting),
             )  # fmt: skip
         return t
 

@@ -237,6 +237,9 @@ class WatchRow:
     admitted_total: float
     deferred_total: float
     parked: int = 0
+    concurrency: int | None = None  # a concurrency limit: leases allowed, held, tasks parked for one
+    in_flight: int | None = None
+    lease_waiting: int | None = None
 
 
 class WatchSampler:
@@ -270,6 +273,9 @@ class WatchSampler:
                 admitted_total=cur["admitted"],
                 deferred_total=cur["deferred"],
                 parked=status.parked,
+                concurrency=status.concurrency,
+                in_flight=status.in_flight,
+                lease_waiting=status.waiting,
             )
         self.previous, self.previous_at = counters, now
         return rows

@@ -222,6 +222,10 @@ def test_operators_see_holders_and_raise_the_concurrency_live(fleet_factory: Any
     assert info["concurrency"] == 1 and info["in_flight"] == 1 and info["waiting"] >= 5, info
     holder = info["holders"][0]
     assert holder["lease"].split(".")[0] in ids and "fleet.held[" in holder["holder"], holder
+    watched = json.loads(_cli(main, [*base, "watch", "--json", "--count", "1", "--interval", "0.2"]))["slots"]
+    assert (watched["concurrency"], watched["in_flight"]) == (1, 1) and watched["lease_waiting"] >= 5, watched
+    listed = _cli(main, [*base, "list"])
+    assert "1/1 +" in listed, listed  # held/allowed +waiting, in an 80-column terminal
     scrape = _scrape(fleet)
     assert 'throttle_in_flight{limit="slots"} 1.0' in scrape
     assert 'throttle_concurrency{limit="slots"} 1.0' in scrape
