@@ -26,7 +26,9 @@ from throttle.celery import EPSILON_S
 from throttle.semaphore import Semaphore
 from throttle.testing.windows import Segment, violations
 
-pytestmark = [pytest.mark.fleet, pytest.mark.slow]
+# The quick ones (a few seconds each) also run against the lowest versions
+# (`make test-lowest`, which skips `slow`).
+pytestmark = [pytest.mark.fleet]
 
 APP = "tests.concurrency_app"
 SLOTS = {
@@ -88,6 +90,7 @@ def lease_holders(fleet: Fleet, name: str = "slots") -> list[str]:
         client.close()
 
 
+@pytest.mark.slow
 def test_fleet_holds_the_concurrency_and_keeps_it_full(fleet_factory: Any) -> None:
     """Acceptance: 4 prefork workers x c4, concurrency 3, 200 bodies of 0.2-0.6 s.
 
@@ -107,6 +110,7 @@ def test_fleet_holds_the_concurrency_and_keeps_it_full(fleet_factory: Any) -> No
     assert lease_holders(fleet) == []
 
 
+@pytest.mark.slow
 def test_rate_and_concurrency_hold_together(fleet_factory: Any) -> None:
     """Concurrency 3 and 10/s (burst 1) on one limit: both bounds hold at once."""
     fleet = start(fleet_factory, "redis", {}, workers=3, concurrency=4)
@@ -124,6 +128,7 @@ def test_rate_and_concurrency_hold_together(fleet_factory: Any) -> None:
     print(f"rate 10/s + concurrency 3: peak {peak}, mean in flight {mean:.2f}")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_frees_its_leases_within_the_expiry(fleet_factory: Any) -> None:
     """A worker SIGKILLed (main process and pool) while its tasks hold leases.
 
@@ -207,6 +212,7 @@ def test_a_hard_time_limit_releases_the_lease(fleet_factory: Any, task: str) -> 
     assert lease_holders(fleet) == []
 
 
+@pytest.mark.slow
 def test_operators_see_holders_and_raise_the_concurrency_live(fleet_factory: Any) -> None:
     """``throttle list/inspect`` show in flight, waiting and holders; ``throttle set --concurrency`` acts at once."""
     from throttle.cli import main
@@ -335,6 +341,7 @@ def test_a_lease_costs_one_round_trip_to_take_and_one_to_give_back(redis_url: st
     assert per_task == 2.0, answered
 
 
+@pytest.mark.slow
 def test_a_body_longer_than_the_expiry_keeps_its_lease(fleet_factory: Any) -> None:
     """lease_expiry 1 s, a body of 3 s: the worker renews the lease, so the next task waits for the end."""
     fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 1, "lease_expiry": 1}}, workers=2, concurrency=2)
@@ -352,6 +359,7 @@ def test_a_body_longer_than_the_expiry_keeps_its_lease(fleet_factory: Any) -> No
 _OUTCOMES = {"ok": 6, "raise": 1, "retry": 1, "autoretry": 1, "ratelimited": 1, "ignore": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_model_random_programs_keep_the_bound(fleet_factory: Any, seed: int) -> None:
     """Random programs, reproducible by seed: bodies of random length that end in random ways,
@@ -423,6 +431,7 @@ def test_model_random_programs_keep_the_bound(fleet_factory: Any, seed: int) -> 
     print(f"seed {seed}: capacity {capacity}->{capacity + raised}, {len(kills)} kills, {len(done)} bodies ended")
 
 
+@pytest.mark.slow
 def test_a_concurrency_per_tenant(fleet_factory: Any) -> None:
     """``per_key`` (the default) with ``throttle_key``: each tenant has its own 2 leases."""
     from throttle.cli import main

@@ -52,7 +52,17 @@ from ..keys import limit_of, own_key
 from ..limit import MAX_WAIT_SECONDS, ConcurrencyLimit
 from ..semaphore import Lease, LeaseMode, LeaseReply, Semaphore, default_description
 from . import signals
-from .deferral import _PUBLISH_RETRY, HEADER_LEASE, DeferralReason, Deferred, Stamp, header, outgoing, resend
+from .deferral import (
+    _PUBLISH_RETRY,
+    HEADER_LEASE,
+    STATE_DEFERRED,
+    DeferralReason,
+    Deferred,
+    Stamp,
+    header,
+    outgoing,
+    resend,
+)
 from .parking import pack, unpack
 from .runtime import Runtime, runtime_for
 
@@ -336,6 +346,12 @@ def _park(
         sender=task, task_id=request.id, limits=[sem.name], wait=reply.wait,
         reason=DeferralReason.CONCURRENCY.value, deferrals=stamp.deferrals + 1, parked=True,
     )  # fmt: skip
+    if task.track_started and not task.ignore_result and not getattr(request, "ignore_result", False):
+        # Celery stored STARTED before the gate ran: the task waits, it does not run.
+        try:
+            task.backend.store_result(request.id, deferred.fields(), STATE_DEFERRED, request=request)
+        except Exception as exc:  # any backend, any failure: the park stands
+            logger.warning("%s[%s] could not store its DEFERRED state: %s", task.name, request.id, exc)
     raise deferred
 
 
