@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from throttle.testing.redis_server import RedisServer
+from throttle.testing.windows import in_flight
 
 APP = "tests.concurrency_app"
 CAPACITY = 5
@@ -105,23 +106,6 @@ def _spans(fleet: Any) -> list[tuple[float, float]]:
     return spans
 
 
-def in_flight(spans: list[tuple[float, float]]) -> tuple[int, float, list[tuple[float, int]]]:
-    """Peak, time-weighted mean, and the step curve (t from the first start, count)."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    t0 = events[0][0]
-    peak = now = 0
-    area = 0.0
-    last = t0
-    curve = [(0.0, 0)]
-    for t, step in events:
-        area += now * (t - last)
-        last = t
-        now += step
-        peak = max(peak, now)
-        curve.append((t - t0, now))
-    return peak, area / (events[-1][0] - t0), curve
-
-
 def utilization(bucket_url: str, record_url: str, tasks: int, seed: int) -> dict[str, Any]:
     """The issue's case: concurrency 5, bodies of 0.2-1.0 s, on 16 pool processes; then a rate alone."""
     from tests.fleet import SYSTEM_REDIS_BROKER, Fleet
@@ -149,7 +133,8 @@ def utilization(bucket_url: str, record_url: str, tasks: int, seed: int) -> dict
         finally:
             fleet.stop()
             fleet.purge()
-        peak, mean, curve = in_flight(spans)
+        found = in_flight(spans)
+        peak, mean, curve = found.peak, found.mean, list(found.curve)
         first, last = min(s for s, _ in spans), max(e for _, e in spans)
         out[label] = {
             "finished": len(spans), "peak": peak, "mean_in_flight": mean, "seconds": elapsed,

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from throttle import Semaphore
 from throttle.testing.redis_server import RedisServer
+from throttle.testing.windows import in_flight
 
 CAPACITY = 3
 
@@ -69,20 +70,6 @@ def _hold(url: str, prefix: str, rounds: int, seed: int) -> list[tuple[float, fl
     return spans
 
 
-def in_flight(spans: list[tuple[float, float]]) -> tuple[int, float]:
-    """The most spans open at once, and the time-weighted mean open from the first start to the last end."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    now = peak = 0
-    area = 0.0
-    last = events[0][0]
-    for at, step in events:
-        area += now * (at - last)
-        last = at
-        now += step
-        peak = max(peak, now)
-    return peak, area / (events[-1][0] - events[0][0])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
@@ -118,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         with ctx.Pool(8) as pool:
             parts = pool.starmap(_hold, [(server.url, prefix, args.rounds, n) for n in range(8)])
         spans = [span for part in parts for span in part]
-        peak, mean = in_flight(spans)
+        found = in_flight(spans)
+        peak, mean = found.peak, found.mean
         results.update({"holds": len(spans), "peak_in_flight": peak, "mean_in_flight": mean, "capacity": CAPACITY})
         client.close()
     finally:

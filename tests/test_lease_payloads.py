@@ -101,3 +101,14 @@ def test_any_key_of_another_type_is_replaced_not_failed_on(r: redis.Redis, prefi
     assert reply.granted or reply.queued == 1
     assert sem.do(LeaseMode.RELEASE, "holder") is not None
     assert r.type(getattr(keys, which)) in (b"none", b"zset", b"hash")
+
+
+def test_in_flight_counts_open_spans() -> None:
+    """The checker the concurrency tests judge by: an end and a start at one instant do not overlap."""
+    from throttle.testing.windows import in_flight
+
+    found = in_flight([(0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 4.0)])
+    assert found.peak == 2
+    assert found.mean == 1.75  # 7 span-seconds over 4 s
+    assert found.curve[-1] == (4.0, 0)
+    assert in_flight([]).peak == 0

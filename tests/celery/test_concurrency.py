@@ -24,6 +24,7 @@ from tests.celery.conftest import DEFAULT_LIMITS, broker
 from tests.fleet import Fleet
 from throttle.celery import EPSILON_S
 from throttle.semaphore import Semaphore
+from throttle.testing import windows
 from throttle.testing.windows import Segment, violations
 
 # The quick ones (a few seconds each) also run against the lowest versions
@@ -58,18 +59,9 @@ def intervals(fleet: Fleet) -> tuple[list[tuple[float, float, str]], list[tuple[
 
 
 def in_flight(spans: list[tuple[float, float]]) -> tuple[int, float]:
-    """(peak, time-weighted mean) of overlapping spans, from the first start to the last end."""
-    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
-    peak = now = 0
-    area = 0.0
-    last = events[0][0]
-    for t, step in events:
-        area += now * (t - last)
-        last = t
-        now += step
-        peak = max(peak, now)
-    span = events[-1][0] - events[0][0]
-    return peak, area / span if span > 0 else 0.0
+    """(peak, time-weighted mean) of overlapping spans."""
+    found = windows.in_flight(spans)
+    return found.peak, found.mean
 
 
 def wait_ends(fleet: Fleet, count: int, timeout: float) -> list[tuple[float, float, str]]:

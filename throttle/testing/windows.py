@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["peak_in_window", "per_second", "Segment", "Violation", "allowed_in", "violations"]
+__all__ = ["peak_in_window", "per_second", "Segment", "Violation", "allowed_in", "violations", "InFlight", "in_flight"]
 
 
 def peak_in_window(times: Sequence[float], window: float = 1.0) -> int:
@@ -102,3 +102,33 @@ def violations(times: Sequence[float], segments: Sequence[Segment], epsilon: flo
             if count > allowed + 1e-9:
                 found.append(Violation(first, ordered[j], count, allowed))
     return found
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """How many spans (start, end) were open at once: a concurrency limit's bound, checked."""
+
+    peak: int
+    #: Time-weighted mean from the first start to the last end.
+    mean: float
+    #: The step curve: (seconds from the first start, open spans from then on).
+    curve: tuple[tuple[float, int], ...]
+
+
+def in_flight(spans: Sequence[tuple[float, float]]) -> InFlight:
+    """Peak and time-weighted mean of open spans; an end at the same time as a start counts first."""
+    if not spans:
+        return InFlight(0, 0.0, ())
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    first = last = events[0][0]
+    now = peak = 0
+    area = 0.0
+    curve = [(0.0, 0)]
+    for at, step in events:
+        area += now * (at - last)
+        last = at
+        now += step
+        peak = max(peak, now)
+        curve.append((at - first, now))
+    span = events[-1][0] - first
+    return InFlight(peak, area / span if span > 0 else 0.0, tuple(curve))
