@@ -36,9 +36,10 @@ LOW, HIGH = 0.2, 1.0
 
 
 def _limits(extra: dict[str, Any]) -> dict[str, Any]:
-    from tests.celery.conftest import DEFAULT_LIMITS
+    from tests.celery.conftest import CONCURRENCY_LIMITS, DEFAULT_LIMITS
 
     base = {
+        **CONCURRENCY_LIMITS,
         "slots": {"concurrency": 1000},
         "slots_rated": {"rate": "1000000/s", "burst": 100000, "concurrency": 1000},
         "rate_only": {"rate": "1000000/s", "burst": 100000},

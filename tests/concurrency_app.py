@@ -1,8 +1,10 @@
 """The Celery app of the concurrency fleet tests (``tests/celery/test_concurrency.py``).
 
 Its own app: every task of an app needs its limit configured, and the other
-fleet tests configure only theirs.  Records like ``tests.fleet_app`` (the
-same recording Redis, the same signals counted), plus each body's end.
+fleet tests configure only theirs (this app's are
+``tests.celery.conftest.CONCURRENCY_LIMITS``).  Records like
+``tests.fleet_app`` (the same recording Redis, the same signals counted),
+plus each body's end.
 """
 
 from __future__ import annotations

@@ -30,6 +30,16 @@ DEFAULT_LIMITS = {
 }
 
 
+#: Every limit ``tests.concurrency_app``'s tasks name; tests and benches
+#: start from these and override what they measure.
+CONCURRENCY_LIMITS = {
+    "slots": {"concurrency": 3},
+    "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3},
+    "rate_only": {"rate": "10/s", "burst": 1},
+    "tenant_slots": {"concurrency": 2},
+}
+
+
 @pytest.fixture
 def fleet_factory(redis_url: str) -> Iterator[Any]:
     fleets: list[Fleet] = []

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.celery.conftest import DEFAULT_LIMITS, broker
+from tests.celery.conftest import CONCURRENCY_LIMITS, DEFAULT_LIMITS, broker
 from tests.fleet import Fleet
 from throttle.celery import EPSILON_S
 from throttle.semaphore import Semaphore
@@ -32,12 +32,7 @@ from throttle.testing.windows import Segment, violations
 pytestmark = [pytest.mark.fleet]
 
 APP = "tests.concurrency_app"
-SLOTS = {
-    "slots": {"concurrency": 3},
-    "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3},
-    "rate_only": {"rate": "10/s", "burst": 1},
-    "tenant_slots": {"concurrency": 2},
-}
+SLOTS = CONCURRENCY_LIMITS
 
 
 def start(fleet_factory: Any, broker_name: str, limits: dict[str, Any], **kwargs: Any) -> Fleet:
