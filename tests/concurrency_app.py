@@ -142,3 +142,9 @@ def held_tenant(self: ThrottledTask, n: int, tenant: str, seconds: float) -> int
     time.sleep(seconds)
     record(self, n=n, phase="end", tenant=tenant)
     return n
+
+
+@app.task(bind=True, base=ThrottledTask, throttle=["slots", "slots_b"], name="fleet.held_two")
+def held_two(self: ThrottledTask, n: int, seconds: float) -> int:
+    """Two concurrency limits, all or nothing: a lease of each, or neither."""
+    return _held(self, n, seconds)

@@ -37,6 +37,7 @@ CONCURRENCY_LIMITS = {
     "slots_rated": {"rate": "10/s", "burst": 1, "concurrency": 3},
     "rate_only": {"rate": "10/s", "burst": 1},
     "tenant_slots": {"concurrency": 2},
+    "slots_b": {"concurrency": 1},
 }
 
 

@@ -462,3 +462,19 @@ def test_a_revoke_with_terminate_releases_the_lease(fleet_factory: Any) -> None:
     # Measured 0.2 s (the release 24 ms after the kill); 10 s on a loaded host is still far from the 60 s expiry.
     assert took < 10.0, f"the next body ended {took:.1f}s after the revoke (the lease's expiry is 60 s)"
     assert lease_holders(fleet) == []
+
+
+@pytest.mark.slow
+def test_two_concurrency_limits_all_or_nothing(fleet_factory: Any) -> None:
+    """A task naming ``slots`` (3) and ``slots_b`` (1) beside tasks naming ``slots`` only:
+    the first kind never more than 1 at once, all together never more than 3, each task once."""
+    fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 3}, "slots_b": {"concurrency": 1}}, workers=2,
+                  concurrency=4)  # fmt: skip
+    both = fleet.send("fleet.held_two", [(i, 0.2) for i in range(12)])
+    one = fleet.send("fleet.held", [(100 + i, 0.2) for i in range(12)])
+    done = wait_ends(fleet, 24, 60)
+    assert Counter(i for _, _, i in done) == Counter(both + one), "every task once"
+    two_spans = [(s, e) for s, e, i in done if i in set(both)]
+    assert in_flight(two_spans)[0] == 1
+    assert in_flight([(s, e) for s, e, _ in done])[0] <= 3
+    assert lease_holders(fleet) == [] and lease_holders(fleet, "slots_b") == []

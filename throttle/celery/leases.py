@@ -259,8 +259,12 @@ def acquire_leases(task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[str
     about = f"{task.name}[{request.id}] {default_description()}"
     handed = _handed(request)
     held: list[Lease] = []
+    # The lease handed over to this copy first: taking it up removes the
+    # task's entry from that limit's queue, so parking at another limit
+    # afterwards can never leave a second copy to be published from there.
+    order = sorted(plan.leases, key=lambda limit: handed is None or limit.lease_name(tenant) != handed[0])
     try:
-        for limit in plan.leases:
+        for limit in order:
             sem = semaphore_for(task.app, runtime, limit, tenant, _expiry(task, limit))
             if handed is not None and handed[0] == sem.name:
                 reply = sem.call(LeaseMode.TAKE, handed[1], about=about)
