@@ -478,3 +478,20 @@ def test_two_concurrency_limits_all_or_nothing(fleet_factory: Any) -> None:
     assert in_flight(two_spans)[0] == 1
     assert in_flight([(s, e) for s, e, _ in done])[0] <= 3
     assert lease_holders(fleet) == [] and lease_holders(fleet, "slots_b") == []
+
+
+@pytest.mark.slow
+def test_redis_down_defers_and_loses_nothing(fleet_factory: Any, restartable_redis: Any) -> None:
+    """The leases' Redis is down when the tasks arrive: ``defer`` (the default) runs no body
+    (not one without a lease), backs off, and once Redis is back every task runs once, 2 at a time."""
+    fleet = start(fleet_factory, "redis", {"slots": {"concurrency": 2}}, workers=2, concurrency=2,
+                  throttle_redis_url=restartable_redis.url)  # fmt: skip
+    restartable_redis.stop()
+    ids = fleet.send("fleet.held", [(i, 0.2) for i in range(10)])
+    time.sleep(3)
+    assert fleet.records() == [], "no body runs without its lease"
+    assert fleet.counts("backend_error").get("defer", 0) >= 10
+    restartable_redis.start()
+    done = wait_ends(fleet, 10, 90)
+    assert Counter(i for _, _, i in done) == Counter(ids)
+    assert in_flight([(s, e) for s, e, _ in done])[0] <= 2

@@ -394,8 +394,10 @@ def _backend_error(task: Task, args: list[Any], kwargs: dict[str, Any], exc: Bac
     runtime = runtime_for(task.app)
     policy = runtime.settings.on_backend_error
     request = task.request
+    names = [limit.name for limit in task._throttle_plan.leases]
     if runtime.metrics is not None:
-        runtime.metrics.count([limit.name for limit in task._throttle_plan.leases], f"backend_errors:{policy}")
+        runtime.metrics.count(names, f"backend_errors:{policy}")
+    signals.backend_error.send(sender=task, task_id=request.id, limits=names, error=exc, policy=policy)
     if policy == "allow":
         logger.warning("%s[%s] runs without its concurrency lease: %s", task.name, request.id, exc)
         return []
