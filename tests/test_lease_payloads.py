@@ -112,3 +112,24 @@ def test_in_flight_counts_open_spans() -> None:
     assert found.mean == 1.75  # 7 span-seconds over 4 s
     assert found.curve[-1] == (4.0, 0)
     assert in_flight([]).peak == 0
+
+
+def test_a_payload_that_cannot_be_published_does_not_hold_a_lease(redis_url: str, r: redis.Redis, prefix: str) -> None:
+    """A parked entry the worker cannot decode (not ours, a newer format) gives its lease to the next task."""
+    from celery import Celery
+
+    from throttle.celery.leases import TaskSemaphore
+    from throttle.celery.runtime import Runtime
+    from throttle.celery.settings import settings_for
+
+    app = Celery("lease-payloads", set_as_current=False)
+    app.conf.throttle_redis_url = redis_url
+    app.conf.throttle_prefix = prefix
+    sem = TaskSemaphore(app, Runtime(settings_for(app)), "api", 1, 30)
+    assert sem.call(LeaseMode.ACQUIRE, "holder").granted
+    assert not sem.call(LeaseMode.WAIT, "garbled", payload=b"not a parked message", stay=60).granted
+    assert not sem.call(LeaseMode.WAIT, "blocking", stay=60).granted  # a plain waiter (no payload) behind it
+    reply = sem.call(LeaseMode.RELEASE, "holder")
+    assert reply.handed == (("garbled", b"not a parked message"),)
+    assert [h.lease_id for h in sem.holders()] == ["blocking"], "the lease went on to the next waiter"
+    app.close()

@@ -184,7 +184,14 @@ class TaskSemaphore(Semaphore):
         try:
             signature = unpack(self.app, payload)
         except (ValueError, TypeError) as exc:
-            logger.error("throttle: cannot publish parked %s of %r: %s", lease_id, self.name, exc)
+            # Not ours, or from a newer throttle: it could never take its
+            # lease up, so it must not hold one (handed over again every
+            # HANDOVER_HOLD_S, it would block the queue's head forever).
+            # The lease goes to the next task; the entry stays in Redis
+            # for an operator until its stay ends.
+            logger.error("throttle: cannot publish parked %s of %r (its lease goes to the next): %s",
+                         lease_id, self.name, exc)  # fmt: skip
+            self.call(LeaseMode.RELEASE, lease_id)
             return
         headers = dict(signature.options.get("headers") or {})
         stamped = headers.get(HEADER_LEASE)
