@@ -36,6 +36,10 @@ __all__ = ["ThrottleRequest", "ClockOffset", "clock_offset"]
 
 logger = logging.getLogger("throttle")
 
+#: A body killed by its hard time limit gets SIGTERM, then SIGKILL 0.1 s
+#: later (billiard): its leases are released this long after the timeout.
+_KILL_SETTLE_S = 0.5
+
 #: How often a worker measures its clock against Redis' (a drifting clock
 #: moves milliseconds a minute; a stepped one is caught within this).
 _REFRESH_S = 10.0
@@ -132,20 +136,31 @@ class ThrottleRequest(Request):  # type: ignore[misc]
             # Without this event, monitors keep the task STARTED for its
             # whole wait: Celery sends nothing after an Ignore.
             self._send_deferred_event(exc.fields())
-        elif isinstance(exc, (WorkerLostError, Terminated, TimeLimitExceeded)):
-            # The pool process died (killed, revoked with terminate, hard
-            # time limit): its task_postrun never ran, so its leases are
-            # given back from here (before a reject re-queues the task).
+        elif isinstance(exc, (WorkerLostError, Terminated)):
+            # The pool process died (killed, revoked with terminate): its
+            # task_postrun never ran, so its leases are given back from here
+            # (before a reject re-queues the task).
             self._release_leases()
+        elif isinstance(exc, TimeLimitExceeded):
+            self._release_leases(after=_KILL_SETTLE_S)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
         if not soft:
-            self._release_leases()  # the pool kills the process: nothing in it releases
+            # The pool kills the process: nothing in it releases.  Billiard
+            # reports the timeout first, then sends SIGTERM and, 0.1 s later,
+            # SIGKILL: released once the body cannot be running any more, so
+            # the next task never overlaps it.
+            self._release_leases(after=_KILL_SETTLE_S)
         return super().on_timeout(soft, timeout)
 
-    def _release_leases(self) -> None:
+    def _release_leases(self, after: float = 0.0) -> None:
         if getattr(self.task, "_throttle_plan", None) is None or not self.task._throttle_plan.leases:
+            return
+        if after > 0:
+            timer = threading.Timer(after, self._release_leases)
+            timer.daemon = True
+            timer.start()
             return
         try:
             args, kwargs = self.args, self.kwargs
