@@ -166,6 +166,14 @@ def _check_name(value: object) -> str:
     return value
 
 
+def any_lease_name(value: object) -> str:
+    """A lease name as the Celery side and the CLI use them: a limit's, or a
+    limit's for one tenant (``api:tenant``, any text), checked when configured."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"lease name must be a non-empty str, got {value!r}")
+    return value
+
+
 def _check_capacity(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"capacity must be a whole number of leases, got {type(value).__name__} {value!r}")

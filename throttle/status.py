@@ -18,7 +18,7 @@ from .limit import ConcurrencyLimit
 from .live import InForce, LiveLimits, published
 from .metrics import read_metrics, summarise
 from .room import WaitingRoom
-from .semaphore import Holder, LeaseMode, LeaseReply, Semaphore
+from .semaphore import Holder, LeaseMode, LeaseReply, Semaphore, any_lease_name
 
 __all__ = ["LimitStatus", "describe", "bucket_of", "WatchRow", "WatchSampler"]
 
@@ -146,12 +146,8 @@ def _leases(
     return {"concurrency": capacity, "in_flight": reply.held, "waiting": reply.queued, "holders": tuple(holders)}
 
 
-def _any_name(value: object) -> str:
-    return str(value)
-
-
 class _Look(Semaphore):
-    _check_name = staticmethod(_any_name)
+    _check_name = staticmethod(any_lease_name)
 
     def look(self) -> tuple[LeaseReply, list[Holder]]:
         reply = LeaseReply.parse(self._script(keys=self._key_list, args=self._args(LeaseMode.STATUS, hand_over=False)))

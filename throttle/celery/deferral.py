@@ -10,6 +10,8 @@ forged headers buy nothing.
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,10 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore
 
+from ..limit import MAX_WAIT_SECONDS
+
 if TYPE_CHECKING:
     from celery import Signature, Task
 
+logger = logging.getLogger("throttle")
+
 __all__ = [
+    "BACKEND_BACKOFF_S",
+    "backend_backoff",
+    "budget_left",
+    "store_deferred",
     "DeferralReason",
     "Deferred",
     "EVENT_DEFERRED",
@@ -61,6 +71,10 @@ EVENT_DEFERRED = "task-deferred"
 #: The result state a deferral stores for a task with ``track_started``
 #: (which stored STARTED before the gate ran): the task waits, it does not run.
 STATE_DEFERRED = "DEFERRED"
+
+#: While Redis is down, policy "defer" re-sends with countdowns from the
+#: first to the second, doubling with each deferral (with jitter).
+BACKEND_BACKOFF_S = (1.0, 30.0)
 
 #: How hard a deferral tries to publish before giving up (the message was
 #: already acknowledged with early acks, so publishing is what keeps it).
@@ -172,6 +186,37 @@ def outgoing(
         merged.pop(stale, None)
     signature.options["headers"] = merged
     return signature
+
+
+def backend_backoff(deferrals: int) -> float:
+    """The countdown of a task deferred because Redis is down, after ``deferrals`` deferrals."""
+    low, high = BACKEND_BACKOFF_S
+    return float(min(high, low * 2.0 ** min(deferrals, 10)) * random.uniform(0.5, 1.0))
+
+
+def budget_left(max_defer: float, since: float | None) -> float:
+    """Seconds a task may still wait: ``max_defer`` from its first deferral (``since``), as far as a booking goes."""
+    limit = min(max_defer, float(MAX_WAIT_SECONDS))
+    if since is None:
+        return limit
+    # Clamped both ways: ``since`` came from another host's clock.
+    return min(limit, max(0.0, limit - (time.time() - since)))
+
+
+def store_deferred(task: Task, deferred: Deferred) -> None:
+    """With ``track_started``, Celery stored STARTED before the gate ran: say DEFERRED instead.
+
+    Best effort: the task is already re-sent (or parked), a result backend
+    that cannot answer must not lose it.  Nothing is stored otherwise (the
+    state stays PENDING, which already says "not run yet").
+    """
+    request = task.request
+    if not task.track_started or task.ignore_result or getattr(request, "ignore_result", False):
+        return
+    try:
+        task.backend.store_result(request.id, deferred.fields(), STATE_DEFERRED, request=request)
+    except Exception as exc:  # any backend, any failure: the deferral stands
+        logger.warning("%s[%s] could not store its DEFERRED state: %s", task.name, request.id, exc)
 
 
 def header(request: Any, name: str) -> Any:

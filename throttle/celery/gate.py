@@ -19,7 +19,6 @@ by a producer or delivered twice buy nothing.
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,7 +33,17 @@ from ..limit import MAX_WAIT_SECONDS, Limit
 from ..room import ARRIVAL_MEMORY_S
 from ..tickets import Verdict
 from . import signals
-from .deferral import HEADER_PARKED, STATE_DEFERRED, DeferralReason, Deferred, Stamp, outgoing, resend
+from .deferral import (
+    HEADER_PARKED,
+    DeferralReason,
+    Deferred,
+    Stamp,
+    backend_backoff,
+    budget_left,
+    outgoing,
+    resend,
+    store_deferred,
+)
 from .options import TaskPlan
 from .parking import pack
 from .runtime import Effective, runtime_for
@@ -75,9 +84,6 @@ SPIN_S = 0.05
 #: A deferred task is sent to arrive this much before its slot (broker and
 #: timer latency), then waits the rest in place (less than SPIN_S).
 LEAD_S = 0.015
-
-#: While Redis is down, "defer" re-sends with these countdowns (doubling).
-_BACKEND_BACKOFF_S = (1.0, 30.0)
 
 
 def _wait_briefly(seconds: float) -> None:
@@ -339,11 +345,7 @@ class Gate:
 
     def _budget_left(self) -> float:
         """Seconds this task may still wait (``throttle_max_defer``), within what a booking allows."""
-        limit = min(self.settings.max_defer, float(MAX_WAIT_SECONDS))
-        if self.since is None:
-            return limit
-        # Clamped both ways: ``since`` came from another host's clock.
-        return min(limit, max(0.0, limit - (time.time() - self.since)))
+        return budget_left(self.settings.max_defer, self.since)
 
     def _admitted(self, paid: Paid) -> None:
         if self.shadow is not None and self.effective is not None:
@@ -384,8 +386,7 @@ class Gate:
         if policy == "fail":
             logger.error("%s[%s] fails: %s", task.name, request.id, exc)
             raise exc
-        low, high = _BACKEND_BACKOFF_S
-        wait = max(at_least, min(high, low * 2 ** min(self.deferrals, 10)) * random.uniform(0.5, 1.0))
+        wait = max(at_least, backend_backoff(self.deferrals))
         if self._budget_left() < wait:
             raise ThrottleDeferralExpired(
                 f"{task.name}[{request.id}]: Redis unavailable for longer than "
@@ -429,23 +430,8 @@ class Gate:
             parked=parked,
         )
         deferred = Deferred(wait, reason.value, self.deferrals + 1, parked)
-        self._store_waiting(deferred)
+        store_deferred(self.task, deferred)
         raise deferred
-
-    def _store_waiting(self, deferred: Deferred) -> None:
-        """With ``track_started``, Celery stored STARTED before the gate ran: say DEFERRED instead.
-
-        Best effort: the task is already re-sent, a result backend that
-        cannot answer must not lose it.  Nothing is stored otherwise (the
-        state stays PENDING, which already says "not run yet").
-        """
-        task, request = self.task, self.task.request
-        if not task.track_started or task.ignore_result or getattr(request, "ignore_result", False):
-            return
-        try:
-            task.backend.store_result(request.id, deferred.fields(), STATE_DEFERRED, request=request)
-        except Exception as exc:  # any backend, any failure: the deferral stands
-            logger.warning("%s[%s] could not store its DEFERRED state: %s", task.name, request.id, exc)
 
     def _park(self, wait: float, redis_now: float, versions: str) -> bool:
         """Keep the deferred task in the waiting room until shortly before its slot.

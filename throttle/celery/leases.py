@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 import uuid
@@ -49,19 +48,21 @@ from redis.exceptions import RedisError
 
 from ..errors import BackendUnavailable
 from ..keys import limit_of, own_key
-from ..limit import MAX_WAIT_SECONDS, ConcurrencyLimit
-from ..semaphore import Lease, LeaseMode, LeaseReply, Semaphore, default_description
+from ..limit import ConcurrencyLimit
+from ..semaphore import Lease, LeaseMode, LeaseReply, Semaphore, any_lease_name, default_description
 from . import signals
 from .deferral import (
     _PUBLISH_RETRY,
     HEADER_LEASE,
-    STATE_DEFERRED,
     DeferralReason,
     Deferred,
     Stamp,
+    backend_backoff,
+    budget_left,
     header,
     outgoing,
     resend,
+    store_deferred,
 )
 from .parking import pack, unpack
 from .runtime import Runtime, runtime_for
@@ -114,17 +115,10 @@ def leases_index(prefix: str) -> str:
     return own_key(prefix, "{leases}")
 
 
-def _any_name(value: object) -> str:
-    """A lease name: a limit's, or a limit's for one tenant (``api:tenant``, any text)."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"lease name must be a non-empty str, got {value!r}")
-    return value
-
-
 class TaskSemaphore(Semaphore):
     """A concurrency limit's semaphore on the Celery side: a hand-over publishes the parked task."""
 
-    _check_name = staticmethod(_any_name)
+    _check_name = staticmethod(any_lease_name)
     handover_hold = HANDOVER_HOLD_S
 
     def __init__(self, app: Celery, runtime: Runtime, name: str, capacity: int, expiry: float) -> None:
@@ -357,12 +351,7 @@ def _park(
         sender=task, task_id=request.id, limits=[sem.name], wait=reply.wait,
         reason=DeferralReason.CONCURRENCY.value, deferrals=stamp.deferrals + 1, parked=True,
     )  # fmt: skip
-    if task.track_started and not task.ignore_result and not getattr(request, "ignore_result", False):
-        # Celery stored STARTED before the gate ran: the task waits, it does not run.
-        try:
-            task.backend.store_result(request.id, deferred.fields(), STATE_DEFERRED, request=request)
-        except Exception as exc:  # any backend, any failure: the park stands
-            logger.warning("%s[%s] could not store its DEFERRED state: %s", task.name, request.id, exc)
+    store_deferred(task, deferred)
     raise deferred
 
 
@@ -392,10 +381,6 @@ def acquire_or_park(task: Task, plan: TaskPlan, args: list[Any], kwargs: dict[st
     return leases
 
 
-#: While Redis is down, "defer" re-sends with these countdowns (doubling), as the rate gate does.
-_BACKEND_BACKOFF_S = (1.0, 30.0)
-
-
 def _backend_error(task: Task, args: list[Any], kwargs: dict[str, Any], exc: BackendUnavailable) -> list[Lease]:
     """Redis cannot answer for a lease: ``throttle_on_backend_error`` decides, as for a rate."""
     runtime = runtime_for(task.app)
@@ -412,8 +397,7 @@ def _backend_error(task: Task, args: list[Any], kwargs: dict[str, Any], exc: Bac
         logger.error("%s[%s] fails: %s", task.name, request.id, exc)
         raise exc
     stamp = Stamp.read(request)
-    low, high = _BACKEND_BACKOFF_S
-    wait = min(high, low * 2 ** min(stamp.deferrals, 10)) * random.uniform(0.5, 1.0)
+    wait = backend_backoff(stamp.deferrals)
     resend(task, args, kwargs, stamp, wait, wait, None)
     logger.info("%s[%s] deferred %.1fs: %s", task.name, request.id, wait, exc)
     raise Deferred(wait, DeferralReason.BACKEND.value, stamp.deferrals + 1, False)
@@ -421,11 +405,8 @@ def _backend_error(task: Task, args: list[Any], kwargs: dict[str, Any], exc: Bac
 
 def _budget_left(task: Task) -> float:
     """Seconds this task may still wait (``throttle_max_defer`` since its first deferral)."""
-    limit = min(runtime_for(task.app).settings.max_defer, float(MAX_WAIT_SECONDS))
-    since = Stamp.read(task.request).since
-    if since is None:
-        return limit
-    return min(limit, max(1.0, limit - (time.time() - since)))
+    # At least 1 s: a task whose budget is spent still parks (its entry then lives _STAY_MARGIN_S).
+    return max(1.0, budget_left(runtime_for(task.app).settings.max_defer, Stamp.read(task.request).since))
 
 
 # One round trip: the lease in the rate decision's call --------------------------
