@@ -125,11 +125,13 @@ def test_a_payload_that_cannot_be_published_does_not_hold_a_lease(redis_url: str
     app = Celery("lease-payloads", set_as_current=False)
     app.conf.throttle_redis_url = redis_url
     app.conf.throttle_prefix = prefix
-    sem = TaskSemaphore(app, Runtime(settings_for(app)), "api", 1, 30)
+    runtime = Runtime(settings_for(app))
+    sem = TaskSemaphore(app, runtime, "api", 1, 30)
     assert sem.call(LeaseMode.ACQUIRE, "holder").granted
     assert not sem.call(LeaseMode.WAIT, "garbled", payload=b"not a parked message", stay=60).granted
     assert not sem.call(LeaseMode.WAIT, "blocking", stay=60).granted  # a plain waiter (no payload) behind it
     reply = sem.call(LeaseMode.RELEASE, "holder")
     assert reply.handed == (("garbled", b"not a parked message"),)
     assert [h.lease_id for h in sem.holders()] == ["blocking"], "the lease went on to the next waiter"
+    runtime.redis.close()
     app.close()

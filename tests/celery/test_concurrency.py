@@ -309,16 +309,18 @@ def test_a_lease_costs_one_round_trip_to_take_and_one_to_give_back(redis_url: st
         "slots": {"concurrency": 1000},
         "slots_rated": {"rate": "100000/s", "burst": 10000, "concurrency": 1000},
     }
-    with RedisServer() as bucket_server:
+    with (
+        RedisServer() as bucket_server,
+        redis.Redis.from_url(bucket_server.url) as bucket,
+        redis.Redis.from_url(redis_url) as done,
+    ):
         fleet = Fleet(SYSTEM_REDIS_BROKER, bucket_server.url, redis_url, limits={**DEFAULT_LIMITS, **limits},
                       workers=1, app_module=APP)  # fmt: skip
         try:
             fleet.start()
-            bucket = redis.Redis.from_url(bucket_server.url)
             bucket.config_resetstat()
             started = time.monotonic()
             fleet.send(task, [() for _ in range(tasks)])
-            done = redis.Redis.from_url(redis_url)
             deadline = time.monotonic() + 120
             while done.llen(f"{fleet.record_key}:done") < tasks and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -392,8 +394,8 @@ def test_model_random_programs_keep_the_bound(fleet_factory: Any, seed: int) -> 
             time.sleep(0.05)
         if event == "raise":
             seconds, micros = rec.time()
-            live = LiveLimits(redis.Redis.from_url(fleet.throttle_redis_url), f"throttle-{fleet.queue}")
-            live.set("slots", concurrency=capacity + raised)
+            with redis.Redis.from_url(fleet.throttle_redis_url) as client:
+                LiveLimits(client, f"throttle-{fleet.queue}").set("slots", concurrency=capacity + raised)
             change_at = seconds + micros / 1e6 + CHANGE_DELAY_S
             continue
         running = {r["pid"]: r["id"] for r in fleet.records() if r.get("phase") == "start"}
@@ -429,6 +431,7 @@ def test_model_random_programs_keep_the_bound(fleet_factory: Any, seed: int) -> 
         bound = capacity if change_at is None or t < change_at - 1.0 else capacity + raised
         assert now <= bound, f"seed {seed}: {now} in flight at {t:.3f} (capacity {bound}, kills {kills})"
     assert lease_holders(fleet) == []
+    rec.close()
     print(f"seed {seed}: capacity {capacity}->{capacity + raised}, {len(kills)} kills, {len(done)} bodies ended")
 
 
