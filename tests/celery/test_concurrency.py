@@ -471,7 +471,8 @@ def test_a_revoke_with_terminate_releases_the_lease(fleet_factory: Any) -> None:
         time.sleep(0.05)
     fleet.send("fleet.held", [(1, 0.1)])
     producer = fleet.producer()
-    producer.control.revoke(victim, terminate=True, signal="SIGKILL")
+    with producer.connection_for_write() as conn:  # its own connection, closed (not kombu's global pool)
+        producer.control.revoke(victim, terminate=True, signal="SIGKILL", connection=conn)
     killed_at = time.monotonic()
     done = wait_ends(fleet, 1, 30)
     assert [i for _, _, i in done] and victim not in {i for _, _, i in done}
