@@ -44,6 +44,14 @@ _KILL_SETTLE_S = 0.5
 #: moves milliseconds a minute; a stepped one is caught within this).
 _REFRESH_S = 10.0
 
+#: Round trips per measurement; the one with the shortest round trip is kept
+#: (as NTP does).  One sample's error is up to half its round trip: the
+#: first one also waits for the connection to be set up, and on a loaded
+#: worker a reply can wait for the GIL or the CPU for tens of milliseconds.
+#: A single sample put tasks' arrivals 50 ms and more before their slots
+#: (seen in CI: 38 of 243 deferrals came back early) for 10 s at a time.
+_SAMPLES = 5
+
 
 class ClockOffset:
     """Redis time minus this host's time, measured now and then in the background."""
@@ -56,18 +64,24 @@ class ClockOffset:
         self._thread: threading.Thread | None = None
 
     def measure(self) -> float | None:
-        """One measurement (round trip halved); the last known offset if Redis cannot answer."""
+        """One measurement (the shortest of ``_SAMPLES`` round trips); the last known offset if Redis cannot answer."""
         try:
             if self._client is None:
                 settings = settings_for(self._app)
                 self._client = client_from_url(settings.redis_url, **settings.redis_options)
-            before = time.time()
-            seconds, micros = self._client.time()
-            after = time.time()
+            best: tuple[float, float] | None = None  # (round trip, offset)
+            for _ in range(_SAMPLES):
+                before = time.time()
+                seconds, micros = self._client.time()
+                after = time.time()
+                sample = (after - before, int(seconds) + int(micros) / 1e6 - (before + after) / 2)
+                if best is None or sample[0] < best[0]:
+                    best = sample
         except (RedisError, OSError, ValueError) as exc:
             logger.debug("cannot measure this host's clock against Redis: %s", exc)
             return self.value
-        self.value = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+        assert best is not None
+        self.value = best[1]
         return self.value
 
     def get(self) -> float | None:
