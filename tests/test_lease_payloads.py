@@ -21,8 +21,10 @@ class Raw(Semaphore):
 
     handover_hold = 0.3
 
-    def do(self, mode: LeaseMode, lease_id: str = "", payload: bytes = b"", stay: float = 60.0) -> LeaseReply:
-        args = self._args(mode, lease_id, about="test", stay=stay, payload=payload)
+    def do(
+        self, mode: LeaseMode, lease_id: str = "", payload: bytes = b"", stay: float = 60.0, hand_over: bool = True
+    ) -> LeaseReply:
+        args = self._args(mode, lease_id, about="test", stay=stay, payload=payload, hand_over=hand_over)
         return LeaseReply.parse(self._script(keys=self._key_list, args=args))
 
 
@@ -87,6 +89,68 @@ def test_a_waiting_payload_outlives_the_holders_expiry(r: redis.Redis, prefix: s
     time.sleep(0.3)
     reply = sem.do(LeaseMode.STATUS)
     assert reply.handed == (("parked", b"m"),)
+
+
+def test_a_parked_task_whose_stay_ends_is_handed_back_overdue_not_dropped(r: redis.Redis, prefix: str) -> None:
+    """Its throttle_max_defer spent in the queue: out of the queue, handed back without a lease, kept until taken."""
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    keys = LeaseKeys(prefix, "api")
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "patient", b"m-patient", stay=60)
+    sem.do(LeaseMode.WAIT, "late", b"m-late", stay=0.2)
+    time.sleep(0.3)
+    reply = sem.do(LeaseMode.STATUS)
+    assert reply.handed == (("late", b"m-late"),), "published to fail, not dropped"
+    assert reply.held == 1 and reply.queued == 1, "no lease given; 'patient' still queued"
+    assert r.hget(keys.payloads, "late") == b"m-late", "kept until its copy arrives"
+    # Not taken within the hold (the message was lost): handed back again.
+    time.sleep(0.4)
+    assert sem.do(LeaseMode.STATUS).handed == (("late", b"m-late"),)
+    taken = sem.do(LeaseMode.TAKE, "late")
+    assert not taken.granted and taken.overdue and not taken.unknown
+    assert r.hget(keys.payloads, "late") is None
+    again = sem.do(LeaseMode.TAKE, "late")
+    assert again.unknown and not again.overdue, "a second copy is a duplicate"
+    # The next lease still goes to the patient one.
+    assert sem.do(LeaseMode.RELEASE, "holder").handed == (("patient", b"m-patient"),)
+
+
+def test_an_operators_look_changes_nothing(r: redis.Redis, prefix: str) -> None:
+    """A look (``throttle list``, a scrape) reclaims no lease and drops or publishes no parked task;
+    the keys of a task whose stay ended outlive it for a worker's call to hand it back."""
+    sem = Raw(r, "api", 1, expiry=0.2, prefix=prefix)
+    keys = LeaseKeys(prefix, "api")
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "late", b"m-late", stay=0.2)
+    time.sleep(0.3)  # the holder's lease and the task's stay have both ended
+    look = sem.do(LeaseMode.STATUS, hand_over=False)
+    assert look.handed == () and look.held == 0, "the expired lease is not counted..."
+    assert look.reclaimed == 0 and r.zcard(keys.holders) == 1, "...nor reclaimed: a worker's call counts it"
+    assert r.hget(keys.payloads, "late") == b"m-late"
+    assert r.pttl(keys.payloads) > 60_000, "kept past its stay for the workers' next call"
+    worker = sem.do(LeaseMode.STATUS)
+    assert worker.reclaimed == 1 and worker.handed == (("late", b"m-late"),)
+
+
+def test_a_task_handed_its_lease_before_its_stay_ended_keeps_it(r: redis.Redis, prefix: str) -> None:
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "just-in-time", b"m", stay=0.2)
+    assert sem.do(LeaseMode.RELEASE, "holder").handed == (("just-in-time", b"m"),)
+    time.sleep(0.25)  # its stay ends while the message is on its way (the hold is 0.3 s)
+    assert sem.do(LeaseMode.STATUS).handed == ()
+    assert sem.do(LeaseMode.TAKE, "just-in-time").granted
+
+
+def test_a_waiter_without_a_payload_that_stops_waiting_is_dropped(r: redis.Redis, prefix: str) -> None:
+    """A blocking acquire() that died: nothing to publish, nothing kept."""
+    sem = Raw(r, "api", 1, expiry=30, prefix=prefix)
+    sem.do(LeaseMode.ACQUIRE, "holder")
+    sem.do(LeaseMode.WAIT, "process", stay=0.2)
+    time.sleep(0.3)
+    reply = sem.do(LeaseMode.STATUS)
+    assert reply.handed == () and reply.queued == 0
+    assert sem.do(LeaseMode.RELEASE, "holder").handed == ()
 
 
 @pytest.mark.parametrize("which", ["holders", "about", "queue", "waiters", "payloads"])

@@ -121,6 +121,8 @@ class LeaseReply:
     unknown: bool = False
     #: What ``granted`` counted (release-prefix: how many leases it released).
     count: int = 0
+    #: take: the waiter is overdue (its stay ended before a lease was handed to it); its entry is gone now.
+    overdue: bool = False
 
     @classmethod
     def parse(cls, reply: Any) -> LeaseReply:
@@ -135,8 +137,9 @@ class LeaseReply:
             reclaimed,
             queued,
             handed,
-            wait_us < 0,
+            wait_us == -1,
             granted,
+            wait_us == -2,
         )
 
 
@@ -253,6 +256,8 @@ class _SemaphoreCore:
     def _holders(self, now: float, scores: list[tuple[Any, float]], about: dict[Any, Any]) -> list[Holder]:
         out = []
         for raw_id, expires_us in scores:
+            if expires_us / US_PER_S <= now:
+                continue  # expired, not reclaimed yet (an operator's look reclaims nothing)
             lease_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             text = about.get(raw_id, b"")
             text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
@@ -277,11 +282,18 @@ class Semaphore(_SemaphoreCore):
         super().__init__(client, name, capacity, expiry, prefix)
 
     def _call(
-        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
+        self,
+        mode: LeaseMode,
+        lease_id: str = "",
+        expiry: float | None = None,
+        about: str = "",
+        stay: float = 0.0,
+        *,
+        hand_over: bool = True,
     ) -> LeaseReply:
         """One script call; then wake the waiters it handed a lease to (one more round trip, only then)."""
         try:
-            args = self._args(mode, lease_id, expiry, about, stay)
+            args = self._args(mode, lease_id, expiry, about, stay, hand_over=hand_over)
             reply = LeaseReply.parse(self._script(keys=self._key_list, args=args))
             wakes = self._wakes(reply)
             if wakes is not None:
@@ -342,7 +354,9 @@ class Semaphore(_SemaphoreCore):
 
     def holders(self) -> list[Holder]:
         """Who holds a lease now, longest-held first."""
-        now = self._call(LeaseMode.STATUS).server_time  # expired leases out first; the clock of their node
+        # A look: it reclaims nothing (expired leases are left out of the list,
+        # and reclaimed, and counted, by the holders' and waiters' own calls).
+        now = self._call(LeaseMode.STATUS, hand_over=False).server_time  # the clock of their node
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.zrange(self.keys.holders, 0, -1, withscores=True)
@@ -433,10 +447,17 @@ class AsyncSemaphore(_SemaphoreCore):
             raise self._unavailable(exc) from exc
 
     async def _call(
-        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
+        self,
+        mode: LeaseMode,
+        lease_id: str = "",
+        expiry: float | None = None,
+        about: str = "",
+        stay: float = 0.0,
+        *,
+        hand_over: bool = True,
     ) -> LeaseReply:
         """See ``Semaphore._call``."""
-        args = self._args(mode, lease_id, expiry, about, stay)
+        args = self._args(mode, lease_id, expiry, about, stay, hand_over=hand_over)
         reply = LeaseReply.parse(await self._guard(lambda: self._script(keys=self._key_list, args=args)))
         wakes = self._wakes(reply)
         if wakes is not None:
@@ -487,7 +508,7 @@ class AsyncSemaphore(_SemaphoreCore):
 
     async def holders(self) -> list[Holder]:
         """See ``Semaphore.holders``."""
-        now = (await self._call(LeaseMode.STATUS)).server_time
+        now = (await self._call(LeaseMode.STATUS, hand_over=False)).server_time
         client = self._redis
 
         async def read() -> Any:

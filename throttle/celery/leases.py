@@ -24,6 +24,10 @@ queue and is handed over and published again.  Of two copies of one
 hand-over, the first to arrive takes the lease; the other finds the payload
 gone and is dropped, unless the broker says it is a redelivery (a worker
 died running it with ``acks_late``): that one runs again, under a new lease.
+A task still parked when its ``throttle_max_defer`` is spent is published
+*overdue* (no lease; the same durability) and fails with
+``ThrottleDeferralExpired``, as a rate-limited task whose slot is too far
+does: it never vanishes from the queue.
 
 Leases that nobody releases (a SIGKILLed worker) expire on Redis' clock; the
 sweeper in every worker's main process looks at the limits with parked tasks
@@ -46,7 +50,7 @@ from celery.exceptions import Ignore
 from celery.signals import task_postrun
 from redis.exceptions import RedisError
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, ThrottleDeferralExpired
 from ..keys import limit_of, own_key
 from ..limit import ConcurrencyLimit
 from ..semaphore import Lease, LeaseMode, LeaseReply, Semaphore, any_lease_name, default_description
@@ -105,10 +109,6 @@ SWEEP_S = 1.0
 #: than that limit without renewing it.
 TIME_LIMIT_MARGIN_S = 5.0
 
-#: A parked task waits at most this long past its own budget
-#: (``throttle_max_defer``) before its entry is dropped from the queue.
-_STAY_MARGIN_S = 3600.0
-
 
 def leases_index(prefix: str) -> str:
     """zset: the lease names with parked tasks -> when a task last parked there (Redis s)."""
@@ -135,6 +135,7 @@ class TaskSemaphore(Semaphore):
         about: str = "",
         stay: float = 0.0,
         payload: bytes = b"",
+        *,
         hand_over: bool = True,
     ) -> LeaseReply:
         """One script call; then publish the parked tasks it handed a lease to."""
@@ -153,10 +154,8 @@ class TaskSemaphore(Semaphore):
             self._hand_over(reply.handed)
         return reply
 
-    def _call(
-        self, mode: LeaseMode, lease_id: str = "", expiry: float | None = None, about: str = "", stay: float = 0.0
-    ) -> LeaseReply:
-        return self.call(mode, lease_id, expiry, about, stay)
+    #: The base class's calls (acquire, release, ...) publish what they hand over too.
+    _call = call
 
     def _hand_over(self, handed: Sequence[tuple[str, bytes]]) -> None:
         """Publish each parked task that was handed a lease (a failure: the hold expires, it comes back)."""
@@ -182,10 +181,14 @@ class TaskSemaphore(Semaphore):
             # lease up, so it must not hold one (handed over again every
             # HANDOVER_HOLD_S, it would block the queue's head forever).
             # The lease goes to the next task; the entry stays in Redis
-            # for an operator until its stay ends.
+            # for an operator until its stay ends, and is dropped when it
+            # comes back then (overdue: no lease to give back).
             logger.error("throttle: cannot publish parked %s of %r (its lease goes to the next): %s",
                          lease_id, self.name, exc)  # fmt: skip
-            self.call(LeaseMode.RELEASE, lease_id)
+            if not self.call(LeaseMode.RELEASE, lease_id).granted:
+                logger.error("throttle: dropped parked %s of %r: its stay ended and it cannot be published",
+                             lease_id, self.name)  # fmt: skip
+                self.call(LeaseMode.LEAVE, lease_id)
             return
         headers = dict(signature.options.get("headers") or {})
         stamped = headers.get(HEADER_LEASE)
@@ -305,6 +308,13 @@ def _handed(request: Any) -> tuple[str, str] | None:
 def _not_taken(task: Task, sem: TaskSemaphore, reply: LeaseReply, runtime: Runtime) -> None:
     """A hand-over copy that could not take its lease: drop it, or (a redelivery) let it park afresh."""
     request = task.request
+    if reply.overdue:
+        # Its stay in the queue ended (lease.lua handed its message back
+        # without a lease): it fails where its errors are seen, never vanishes.
+        raise ThrottleDeferralExpired(
+            f"{task.name}[{request.id}]: waited for a lease of {sem.name!r} longer than "
+            f"throttle_max_defer={runtime.settings.max_defer:g}s"
+        )
     if not reply.unknown:
         # Its hand-over expired before it arrived: it is back in the queue,
         # and its message will be published again with the next free lease.
@@ -331,7 +341,7 @@ def _park(
     signature = outgoing(task, args, kwargs, stamp, 0.0, None)
     signature.options["headers"][HEADER_LEASE] = [sem.name, lease_id, int(request.retries or 0)]
     payload = pack(task, signature)
-    reply = sem.call(LeaseMode.WAIT, lease_id, about=about, stay=budget + _STAY_MARGIN_S, payload=payload)
+    reply = sem.call(LeaseMode.WAIT, lease_id, about=about, stay=budget, payload=payload)
     if reply.granted:
         # A lease was freed between the two calls: give it back, decide again
         # (the task may hold other limits' leases to take first).
@@ -405,7 +415,8 @@ def _backend_error(task: Task, args: list[Any], kwargs: dict[str, Any], exc: Bac
 
 def _budget_left(task: Task) -> float:
     """Seconds this task may still wait (``throttle_max_defer`` since its first deferral)."""
-    # At least 1 s: a task whose budget is spent still parks (its entry then lives _STAY_MARGIN_S).
+    # At least 1 s: a task whose budget is spent parks for a second, then is
+    # published overdue and fails (ThrottleDeferralExpired), like any other.
     return max(1.0, budget_left(runtime_for(task.app).settings.max_defer, Stamp.read(task.request).since))
 
 
@@ -629,9 +640,12 @@ class LeaseSweeper:
             if limit is None:
                 continue  # another app's limit
             tenant = name.partition(":")[2] or None
-            reply = semaphore_for(self.app, self.runtime, limit, tenant).call(LeaseMode.STATUS)
+            sem = semaphore_for(self.app, self.runtime, limit, tenant)
+            reply = sem.call(LeaseMode.STATUS)
             looked += 1
-            if reply.held == 0 and reply.queued == 0 and parked_at < reply.server_time - 60:
+            idle = reply.held == 0 and reply.queued == 0 and parked_at < reply.server_time - 60
+            # (An overdue task, out of the queue until its copy arrives, keeps the limit here.)
+            if idle and not self.runtime.redis.exists(sem.keys.payloads):
                 self.runtime.redis.zrem(index, name)
         return looked
 

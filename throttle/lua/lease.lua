@@ -19,6 +19,8 @@
 -- ARGV[8]   how long a handed-over lease is kept for its waiter to take up, us
 --
 -- Modes:
+--   status   how many are held and queued; with ARGV[8] = 0 (an operator's
+--            look) read only: it reclaims nothing and hands nothing over
 --   acquire  a lease now if fewer than capacity are held (an id already held
 --            is renewed, not counted twice)
 --   wait     acquire, or join the queue (keeping an earlier place) and stay
@@ -32,7 +34,9 @@
 --            granted if it was handed over and not taken yet, or if it is
 --            first in the queue and a lease is free; else wait_us is -1 when
 --            the waiter is unknown (taken up by another copy of the message,
---            or never parked) and 0 when it still waits in the queue
+--            or never parked), -2 when it is overdue (its stay ended: the
+--            entry is removed now, the copy is to fail) and 0 when it still
+--            waits in the queue
 --   release-prefix  release every lease whose id starts with ARGV[2] (the
 --            leases of one Celery task, released by the worker that saw its
 --            process die); granted is how many
@@ -58,12 +62,15 @@
 --   reclaimed  expired leases this call removed
 --   queued     waiters queued after the call
 --   w_i, p_i   waiters this call handed a lease to, with their payloads: the
---              caller tells them (wakes them, or publishes their message)
+--              caller tells them (wakes them, or publishes their message);
+--              overdue parked tasks come first, with no lease
 --
 -- The keys expire with their last lease or waiter: an idle semaphore costs
 -- nothing.
 
 local STATUS, ACQUIRE, RENEW, RELEASE, WAIT, LEAVE, TAKE, RELEASE_PREFIX = 0, 1, 2, 3, 4, 5, 6, 7
+local GONE_PER_CALL, OVERDUE_PER_CALL = 1000, 100
+local OVERDUE_KEEP_MS = 3600000
 
 local time = redis.call('TIME')
 local now = time[1] * 1000000 + time[2]
@@ -73,6 +80,13 @@ local lease = ARGV[2]
 local capacity = tonumber(ARGV[3])
 
 local function decide()
+  -- An operator's look (status, handing nothing over) changes nothing:
+  -- expired leases are reclaimed, and counted, by the workers' own calls.
+  if mode == STATUS and (tonumber(ARGV[8]) or 0) <= 0 then
+    return {1, redis.call('ZCOUNT', holders, '(' .. string.format('%.0f', now), '+inf'), 0, now, 0,
+            redis.call('ZCARD', queue)}
+  end
+
   local function remove_all(key, members, command)
     for i = 1, #members, 1000 do
       redis.call(command, key, unpack(members, i, math.min(i + 999, #members)))
@@ -94,12 +108,40 @@ local function decide()
     end
   end
 
-  -- Waiters that stopped waiting (gave up, or died) out of the queue.
-  local gone = redis.call('ZRANGEBYSCORE', waiters, '-inf', now)
+  -- Waiters that stopped waiting (gave up, or died) out of the queue.  A
+  -- parked task (a waiter with a payload) whose stay ended -- its
+  -- throttle_max_defer is spent -- is not dropped: it leaves the queue and is
+  -- handed back without a lease ("overdue"), for its message to be published
+  -- and fail where the task's errors are seen.  Its payload stays until that
+  -- copy arrives (take); it is handed back again every ARGV[8] us until one
+  -- does.  A call looks at GONE_PER_CALL of them and hands back at most
+  -- OVERDUE_PER_CALL (a bounded call; the rest wait for the next ones).
+  local hold_for = tonumber(ARGV[8]) or 0
+  local gone = redis.call('ZRANGEBYSCORE', waiters, '-inf', now, 'LIMIT', 0, GONE_PER_CALL)
+  local overdue = {}
   if #gone > 0 then
-    redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+    local dropped = {}
+    for _, id in ipairs(gone) do
+      if redis.call('HEXISTS', payloads, id) == 1 then
+        -- Kept.  (A call that hands nothing over, an operator's look, leaves
+        -- it as it is for the next call that does.)
+        if hold_for > 0 then
+          if redis.call('ZSCORE', holders, id) then
+            -- Handed a lease before its stay ended: kept until it takes it up.
+            redis.call('ZADD', waiters, string.format('%.0f', now + hold_for), id)
+          elseif #overdue < OVERDUE_PER_CALL * 2 then
+            redis.call('ZADD', waiters, string.format('%.0f', now + hold_for), id)
+            overdue[#overdue + 1] = id
+            overdue[#overdue + 1] = redis.call('HGET', payloads, id)
+          end
+        end
+      else
+        dropped[#dropped + 1] = id
+      end
+    end
+    remove_all(waiters, dropped, 'ZREM')
+    remove_all(payloads, dropped, 'HDEL')
     remove_all(queue, gone, 'ZREM')
-    remove_all(payloads, gone, 'HDEL')
   end
 
   local granted = 1
@@ -150,6 +192,12 @@ local function decide()
       redis.call('ZADD', holders, 'XX', string.format('%.0f', expiry), lease)
       redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
       leave_queue(lease)
+    elseif not redis.call('ZRANK', queue, lease) then
+      -- Neither holding nor queued, its payload kept: overdue (its stay
+      -- ended); this copy takes its entry away and fails.
+      leave_queue(lease)
+      granted = 0
+      wait = -2
     elseif redis.call('ZCARD', holders) < capacity and redis.call('ZRANK', queue, lease) == 0 then
       redis.call('ZADD', holders, string.format('%.0f', expiry), lease)
       redis.call('HSET', about, lease, string.format('%.0f', now) .. ' ' .. ARGV[5])
@@ -176,8 +224,7 @@ local function decide()
   end
 
   -- Free leases to the first waiters, kept for them until they take them up.
-  local handed = {}
-  local hold_for = tonumber(ARGV[8]) or 0
+  local handed = overdue
   if hold_for > 0 then
     while redis.call('ZCARD', holders) < capacity do
       local next_one = redis.call('ZRANGE', queue, 0, 0)[1]
@@ -218,6 +265,11 @@ local function decide()
     redis.call('DEL', holders, about, queue, waiters, payloads)
   elseif mode ~= STATUS or reclaimed > 0 or #gone > 0 or #handed > 0 then
     local ttl_ms = math.ceil((last - now) / 1000) + 1
+    if redis.call('EXISTS', payloads) == 1 then
+      -- A parked task is kept past its stay, for a worker's call to hand it
+      -- back overdue (the sweepers look each second).
+      ttl_ms = ttl_ms + OVERDUE_KEEP_MS
+    end
     for _, key in ipairs({holders, about, queue, waiters, payloads}) do
       if redis.call('EXISTS', key) == 1 then
         redis.call('PEXPIRE', key, ttl_ms)
