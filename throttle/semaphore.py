@@ -354,9 +354,15 @@ class Semaphore(_SemaphoreCore):
 
     def holders(self) -> list[Holder]:
         """Who holds a lease now, longest-held first."""
-        # A look: it reclaims nothing (expired leases are left out of the list,
-        # and reclaimed, and counted, by the holders' and waiters' own calls).
-        now = self._call(LeaseMode.STATUS, hand_over=False).server_time  # the clock of their node
+        return self.look()[1]
+
+    def look(self) -> tuple[LeaseReply, list[Holder]]:
+        """How many are held and queued, and who holds them (longest-held first), changing nothing.
+
+        A look reclaims nothing: expired leases are left out of the list, and
+        reclaimed (and counted) by the holders' and waiters' own calls.
+        """
+        reply = self._call(LeaseMode.STATUS, hand_over=False)
         try:
             pipe = self._redis.pipeline(transaction=False)
             pipe.zrange(self.keys.holders, 0, -1, withscores=True)
@@ -364,7 +370,8 @@ class Semaphore(_SemaphoreCore):
             scores, about = pipe.execute()
         except RedisError as exc:
             raise self._unavailable(exc) from exc
-        return sorted(self._holders(now, scores, about), key=lambda h: -h.held_for)
+        # The clock of their node (the STATUS reply's), not this host's.
+        return reply, sorted(self._holders(reply.server_time, scores, about), key=lambda h: -h.held_for)
 
 
 class Lease:

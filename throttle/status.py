@@ -12,13 +12,15 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from .bucket import TokenBucket
 from .keys import bucket_name, limit_of, room_of
 from .limit import ConcurrencyLimit
 from .live import InForce, LiveLimits, published
 from .metrics import read_metrics, summarise
 from .room import WaitingRoom
-from .semaphore import Holder, LeaseMode, LeaseReply, Semaphore, any_lease_name
+from .semaphore import Holder, Semaphore, any_lease_name
 
 __all__ = ["LimitStatus", "describe", "bucket_of", "WatchRow", "WatchSampler"]
 
@@ -147,15 +149,12 @@ def _leases(
 
 
 class _Look(Semaphore):
+    """A limit's semaphore as operators look at it: any lease name; Redis errors as they are (the CLI reports them)."""
+
     _check_name = staticmethod(any_lease_name)
 
-    def look(self) -> tuple[LeaseReply, list[Holder]]:
-        reply = LeaseReply.parse(self._script(keys=self._key_list, args=self._args(LeaseMode.STATUS, hand_over=False)))
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrange(self.keys.holders, 0, -1, withscores=True)
-        pipe.hgetall(self.keys.about)
-        scores, about = pipe.execute()
-        return reply, sorted(self._holders(reply.server_time, scores, about), key=lambda h: -h.held_for)
+    def _unavailable(self, exc: RedisError) -> BaseException:
+        return exc
 
 
 #: ``list``, ``watch`` and a Prometheus scrape read at most this many rooms
