@@ -134,7 +134,11 @@ def test_hosts_with_shifted_clocks_hold_the_limit(hosts: Hosts | None, tmp_path:
             assert time.monotonic() < deadline, f"workers not ready; logs in {tmp_path / 'logs'}"
             assert not children.dead(), f"a worker died; logs in {tmp_path / 'logs'}"
             time.sleep(0.2)
-        # The shifted clocks are real: each worker's time.time() disagrees.
+        # The shifted clocks are real: each worker's time.time() disagrees
+        # (measured at start: which hosts get the work is the broker's affair,
+        # and one host may get none of it).
+        clocks = {int(v) for v in client.hgetall(f"{record_key}:clocks").values()}
+        assert clocks == {-5, 0, 5}, f"the hosts' clocks were not shifted: {clocks}"
         from celery import Celery
 
         producer = Celery("hosts-producer", broker=server.url)
@@ -151,7 +155,7 @@ def test_hosts_with_shifted_clocks_hold_the_limit(hosts: Hosts | None, tmp_path:
         ran = Counter(r["id"] for r in records)
         assert set(ran) == set(ids) and max(ran.values()) == 1
         skews = {round(r["local_t"] - r["t"]) for r in records}
-        assert skews >= {-5, 5}, f"the hosts' clocks were not shifted: {skews}"
+        assert skews <= clocks, f"a body ran on a clock no host had: {skews}"
         starts = sorted(r["t"] for r in records)  # on the Redis clock
         assert peak_in_window(starts) <= 25
         print(f"hosts ({'netns' if hosts else 'process groups'}): peak {peak_in_window(starts)} "
